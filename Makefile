@@ -1,0 +1,46 @@
+# Two commands on a fresh Debian machine, as root:  `make run`  and  `make test`.
+# Both install what is missing (Debian packages, a virtualenv with rain) and are
+# quick the second time.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 8480
+
+# Debian packages: the tools rain drives (qemu-img, mke2fs, ...). The test suite
+# also needs a PostgreSQL server to run the catalog tests against.
+RUN_DEBS  := qemu-utils e2fsprogs openssl
+TEST_DEBS := $(RUN_DEBS) postgresql
+
+.PHONY: run test lint deps-run deps-test venv clean bench
+
+run: deps-run venv
+	$(BIN)/rain serve --host $(HOST) --port $(PORT)
+
+test: deps-test venv lint
+	$(BIN)/python -m pytest -q tests
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+
+bench: deps-test venv
+	$(BIN)/python benchmarks/repository.py
+
+deps-run:
+	@./scripts/apt-ensure $(RUN_DEBS)
+
+deps-test:
+	@./scripts/apt-ensure $(TEST_DEBS)
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

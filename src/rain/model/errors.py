@@ -1,0 +1,96 @@
+"""One exception hierarchy for all of rain.
+
+The HTTP layer maps these to status codes in one place (`rain.api.errors`) and
+the CLI maps them to one-line messages in one place (`rain.cli.main`). Each
+class carries a stable machine-readable `code` so clients can tell them apart
+without parsing messages.
+"""
+
+from __future__ import annotations
+
+
+class RainError(Exception):
+    """Base of every error rain raises on purpose."""
+
+    code = "error"
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequest(RainError):
+    code = "invalid_request"
+    status = 400
+
+
+class Unauthorized(RainError):
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(RainError):
+    code = "forbidden"
+    status = 403
+
+
+class NotFound(RainError):
+    code = "not_found"
+    status = 404
+
+
+class Conflict(RainError):
+    code = "conflict"
+    status = 409
+
+
+class QuotaExceeded(RainError):
+    code = "quota_exceeded"
+    status = 413
+
+
+class InvalidImage(RainError):
+    """The image content is unsafe, inconsistent or not what it claims to be."""
+
+    code = "invalid_image"
+    status = 422
+
+
+class StoreCorruption(RainError):
+    """Data read back from the store does not match its digest."""
+
+    code = "store_corruption"
+    status = 500
+
+
+class ToolFailed(RainError):
+    """An external tool (qemu-img, debootstrap, ...) failed; message has its stderr."""
+
+    code = "tool_failed"
+    status = 500
+
+    def __init__(self, message: str, *, tool: str = "", stderr: str = "") -> None:
+        super().__init__(message)
+        self.tool = tool
+        self.stderr = stderr
+
+
+ERRORS_BY_CODE: dict[str, type[RainError]] = {
+    cls.code: cls
+    for cls in (
+        RainError,
+        InvalidRequest,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        Conflict,
+        QuotaExceeded,
+        InvalidImage,
+        StoreCorruption,
+        ToolFailed,
+    )
+}
