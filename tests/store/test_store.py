@@ -1,0 +1,161 @@
+"""Chunk store: dedup, zero chunks, verified reads, ranges, gc grace."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from rain.model.errors import StoreCorruption
+from rain.store import (
+    ZERO_DIGEST,
+    ChunkStore,
+    FilesystemBackend,
+    ImageReader,
+    ImageWriter,
+    StoreConfig,
+    collect,
+)
+from rain.store.chunks import chunk_key
+
+CS = 64 * 1024
+
+
+def make_store(tmp_path: Path, **kw: object) -> ChunkStore:
+    return ChunkStore(FilesystemBackend(tmp_path / "store"), StoreConfig(chunk_size=CS, **kw))  # type: ignore[arg-type]
+
+
+def push(store: ChunkStore, data: bytes, block: int = 10_000) -> tuple[str, int]:
+    w = ImageWriter(store)
+    for off in range(0, len(data), block):
+        w.write(data[off : off + block])
+        w.wait()
+    m = w.finish()
+    return store.put_manifest(m), w.stored_bytes
+
+
+def image_bytes(seed: int, size: int) -> bytes:
+    rnd = bytearray(os.urandom(size // 4))
+    data = bytearray(size)
+    data[: len(rnd)] = rnd  # a quarter data, the rest zeros
+    data[-100:] = bytes([seed]) * 100
+    return bytes(data)
+
+
+def test_roundtrip_digest_and_zero_chunks_not_stored(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    data = image_bytes(1, 40 * CS + 123)
+    mid, stored = push(store, data)
+    m = store.get_manifest(mid)
+    assert m.sha256 == hashlib.sha256(data).hexdigest()
+    assert m.size == len(data)
+    assert ZERO_DIGEST in m.chunks
+    # only non-zero chunks take space: 11 with random data + the short last one
+    assert stored == 11 * CS + 123
+    assert sum(1 for _ in store.list_chunks()) == 12
+    assert b"".join(ImageReader(store, m).iter_range()) == data
+
+
+def test_identical_chunks_stored_once_across_images(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    base = image_bytes(1, 64 * CS)
+    _, stored1 = push(store, base)
+    derived = bytearray(base)
+    derived[5 * CS : 5 * CS + 10] = b"x" * 10  # one chunk changes
+    _, stored2 = push(store, bytes(derived))
+    assert stored1 == 17 * CS
+    assert stored2 == CS
+
+
+def test_ranges_match_slices(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    data = image_bytes(2, 20 * CS + 7)
+    mid, _ = push(store, data)
+    reader = ImageReader(store, store.get_manifest(mid), readahead=3)
+    for start, end in [(0, 1), (CS - 1, CS + 1), (3 * CS + 5, 17 * CS), (len(data) - 7, len(data)),
+                       (0, len(data)), (6 * CS, 6 * CS)]:
+        assert b"".join(reader.iter_range(start, end)) == data[start:end]
+
+
+def test_corrupt_chunk_is_an_error_naming_image_and_chunk(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    data = image_bytes(3, 8 * CS)
+    mid, _ = push(store, data)
+    m = store.get_manifest(mid)
+    victim = m.chunks[0]
+    path = tmp_path / "store" / chunk_key(victim)
+    raw = bytearray(path.read_bytes())
+    raw[100] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(StoreCorruption, match=f"chunk {victim.hex()} of image img-1 is corrupt"):
+        b"".join(ImageReader(store, m, image="img-1").iter_range())
+
+
+def test_missing_chunk_and_corrupt_manifest(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    mid, _ = push(store, image_bytes(4, 4 * CS))
+    m = store.get_manifest(mid)
+    (tmp_path / "store" / chunk_key(m.chunks[0])).unlink()
+    with pytest.raises(StoreCorruption, match="missing"):
+        b"".join(ImageReader(store, m, image="x").iter_range())
+    mpath = next((tmp_path / "store" / "manifests").rglob(mid))
+    mpath.write_bytes(mpath.read_bytes()[:-5])
+    with pytest.raises(StoreCorruption, match="corrupt"):
+        store.get_manifest(mid)
+
+
+def test_zstd_only_where_it_saves_space(tmp_path: Path) -> None:
+    store = make_store(tmp_path, compress=True)
+    text = (b"hello rain " * 10_000)[: 4 * CS]
+    noise = os.urandom(4 * CS)
+    mid, stored = push(store, text + noise)
+    assert stored < 4 * CS + 4 * CS  # text compressed
+    assert stored >= 4 * CS  # random data stored raw
+    m = store.get_manifest(mid)
+    assert b"".join(ImageReader(store, m).iter_range()) == text + noise
+
+
+def test_gc_removes_unreferenced_only_after_grace(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    keep, _ = push(store, image_bytes(5, 8 * CS))
+    drop, _ = push(store, image_bytes(6, 8 * CS))
+    # An upload cut off half way: chunks written, no manifest.
+    w = ImageWriter(store)
+    w.write(os.urandom(3 * CS))
+    w.drain()
+    w.abort()
+    before = sum(1 for _ in store.list_chunks())
+    report = collect(store, {keep}, grace_seconds=3600)
+    assert report.chunks_deleted == 0 and report.manifests_deleted == 0
+    assert sum(1 for _ in store.list_chunks()) == before
+    old = time.time() - 7200
+    for _, info in list(store.list_chunks()) + list(store.list_manifests()):
+        os.utime(tmp_path / "store" / info.key, (old, old))
+    report = collect(store, {keep}, grace_seconds=3600)
+    assert report.manifests_deleted == 1
+    assert report.chunks_deleted == 3 + 3  # drop's own 3 data chunks + the aborted upload's 3
+    m = store.get_manifest(keep)
+    b"".join(ImageReader(store, m).iter_range())  # still complete and verified
+    with pytest.raises(StoreCorruption):
+        store.get_manifest(drop)
+
+
+def test_dedup_hit_refreshes_grace(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    data = image_bytes(7, 4 * CS)
+    push(store, data)
+    old = time.time() - 7200
+    for _, info in list(store.list_chunks()):
+        os.utime(tmp_path / "store" / info.key, (old, old))
+    # a new upload of the same content reuses (and touches) the old chunks
+    w = ImageWriter(store)
+    w.write(data)
+    w.drain()
+    report = collect(store, set(), grace_seconds=3600)
+    assert report.chunks_deleted == 0
+    m = w.finish()
+    assert w.stored_bytes == 0
+    store.put_manifest(m)
