@@ -1,0 +1,34 @@
+"""The metadata catalog: images, users, groups, tokens, usage; search and matchmaking."""
+
+from __future__ import annotations
+
+from rain.catalog.db import Database, utcnow
+from rain.catalog.images import ImageCatalog, Variant
+from rain.catalog.match import Match, MatchCatalog, Preference, Requirements
+from rain.catalog.search import ImageQuery
+from rain.catalog.usage import UsageCatalog
+from rain.catalog.users import UserCatalog
+from rain.catalog.versions import VersionConstraint, compare_versions
+
+
+class Catalog(UserCatalog, ImageCatalog, MatchCatalog, UsageCatalog):
+    """One object over the database, assembled from one mixin per concern."""
+
+    def __init__(self, url: str) -> None:
+        self.db = Database(url)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+__all__ = [
+    "Catalog",
+    "ImageQuery",
+    "Match",
+    "Preference",
+    "Requirements",
+    "Variant",
+    "VersionConstraint",
+    "compare_versions",
+    "utcnow",
+]
