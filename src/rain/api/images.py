@@ -1,0 +1,217 @@
+"""`/v1/images`: create, upload, download (Range, ETag, digest), list, change, share."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
+
+from rain.api.deps import repo, viewer
+from rain.api.ranges import parse_range
+from rain.catalog import ImageQuery
+from rain.model import DiskFormat, InvalidRequest, RainError, User
+from rain.repo import Download, Repository
+from rain.store import ImageReader
+
+router = APIRouter(prefix="/v1/images", tags=["images"])
+Repo = Annotated[Repository, Depends(repo)]
+Viewer = Annotated[User | None, Depends(viewer)]
+
+
+def parse_duration(text: str) -> timedelta:
+    """`30d`, `12h`, `90m`, `45s`, `2w`."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    try:
+        return timedelta(seconds=float(text[:-1]) * units[text[-1]])
+    except (KeyError, ValueError, IndexError):
+        raise InvalidRequest(f"bad duration {text!r}: use e.g. 30d, 12h, 90m") from None
+
+
+def parse_size(text: str) -> int:
+    """`4G`, `512M`, `1.5T`, `1000` (bytes); binary units."""
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise InvalidRequest(f"bad size {text!r}: use e.g. 4G, 512M or a number of bytes") from None
+
+
+def _pairs(values: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        k, sep, val = v.partition("=")
+        if not sep or not k:
+            raise InvalidRequest(f"bad {what} {v!r}: expected KEY=VALUE")
+        out[k] = val
+    return out
+
+
+@router.post("", status_code=201)
+def create_image(r: Repo, user: Viewer, meta: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+    """Create an image record (status `queued`); then PUT its data to `/file`."""
+    return r.create(user, meta).to_dict()
+
+
+@router.put("/{ref}/file")
+async def upload_image(ref: str, request: Request, r: Repo, user: Viewer,
+                       disk_format: DiskFormat | None = None) -> JSONResponse:
+    """Stream the image data; the image becomes `active` once stored and vetted."""
+    async def body() -> AsyncIterator[bytes]:
+        async for piece in request.stream():
+            if piece:
+                yield piece
+
+    stream = body()
+    try:
+        image = await r.upload(user, ref, stream, disk_format)
+    except ClientDisconnect:
+        return JSONResponse({"error": {"code": "client_disconnect",
+                                       "message": "upload interrupted"}}, status_code=400)
+    except RainError:
+        # A client still sending when the error response arrives often loses it
+        # to a connection reset; reading (and dropping) a bounded rest of the
+        # body first lets it see why its upload was refused.
+        with contextlib.suppress(ClientDisconnect):
+            await _drain(stream, DRAIN_LIMIT)
+        raise
+    return JSONResponse(image.to_dict())
+
+
+DRAIN_LIMIT = 256 * 1024 * 1024
+
+
+async def _drain(stream: AsyncIterator[bytes], limit: int) -> None:
+    seen = 0
+    async for piece in stream:
+        seen += len(piece)
+        if seen > limit:
+            break
+
+
+def _download_headers(d: Download) -> dict[str, str]:
+    b64 = base64.b64encode(bytes.fromhex(d.sha256)).decode()
+    return {
+        "ETag": f'"{d.sha256}"',
+        "Accept-Ranges": "bytes",
+        "Repr-Digest": f"sha-256=:{b64}:",
+        "Digest": f"sha-256={b64}",
+        "X-Rain-Sha256": d.sha256,
+        "X-Rain-Image-Id": d.image.id,
+        "X-Rain-Disk-Format": str(d.disk_format),
+        "Content-Disposition": f'attachment; filename="{d.image.name}.{d.disk_format}"',
+    }
+
+
+@router.api_route("/{ref}/file", methods=["GET", "HEAD"], response_model=None)
+async def download_image(ref: str, request: Request, r: Repo, user: Viewer,
+                         format: DiskFormat | None = None) -> Response:
+    """Stream the image (converted to `format` if asked); single Range supported."""
+    d = await r.open_download_async(user, ref, format)
+    headers = _download_headers(d)
+    rng = parse_range(request.headers.get("range"), d.size)
+    start, end = rng if rng else (0, d.size)
+    headers["Content-Length"] = str(end - start)
+    status = 200
+    if rng:
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{d.size}"
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=headers, media_type="application/octet-stream")
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match and if_none_match.strip() in (headers["ETag"], "*"):
+        return Response(status_code=304, headers={"ETag": headers["ETag"]})
+
+    reader = ImageReader(r.store, d.manifest, image=d.image.id)
+
+    async def stream() -> AsyncIterator[bytes]:
+        # Usage is recorded before the last block leaves, so a client that has
+        # its whole image also finds the pull in the usage log; a cut-off
+        # transfer is recorded with the bytes that did go out.
+        sent, recorded = 0, False
+        try:
+            async for block in reader.aiter_range(start, end):
+                sent += len(block)
+                if sent == end - start:
+                    recorded = True
+                    await asyncio.to_thread(r.record_pull, user, d.image, sent, fresh=start == 0)
+                yield block
+        finally:
+            if not recorded:
+                await asyncio.to_thread(r.record_pull, user, d.image, sent, fresh=False)
+
+    return StreamingResponse(stream(), status_code=status, headers=headers,
+                             media_type="application/octet-stream")
+
+
+@router.get("")
+def list_images(
+    r: Repo, user: Viewer,
+    name: str | None = None, q: str | None = None, owner: str | None = None,
+    visibility: str | None = None, status: Annotated[list[str] | None, Query()] = None,
+    os_distro: str | None = None, os_release: str | None = None, arch: str | None = None,
+    disk_format: str | None = None, tag: Annotated[list[str] | None, Query()] = None,
+    property: Annotated[list[str] | None, Query()] = None,
+    package: Annotated[list[str] | None, Query()] = None,
+    min_size: str | None = None, max_size: str | None = None,
+    created_after: datetime | None = None, created_before: datetime | None = None,
+    unused_for: str | None = None, base: bool | None = None, parent: str | None = None,
+    template_digest: str | None = None, sort: str = "-created",
+    limit: int = 100, offset: int = 0,
+) -> dict[str, Any]:
+    """Search images visible to the caller; every filter combines with AND."""
+    query = ImageQuery.from_params({
+        "name": name, "text": q, "owner": owner, "visibility": visibility,
+        "status": status or [], "os_distro": os_distro, "os_release": os_release,
+        "arch": arch, "disk_format": disk_format, "tags": tag or [],
+        "properties": _pairs(property or [], "property"), "packages": package or [],
+        "min_size": parse_size(min_size) if min_size else None,
+        "max_size": parse_size(max_size) if max_size else None,
+        "created_after": created_after, "created_before": created_before,
+        "unused_for": parse_duration(unused_for) if unused_for else None,
+        "base": base, "parent": parent, "template_digest": template_digest,
+        "sort": sort, "limit": limit, "offset": offset,
+    })
+    images, total = r.search(user, query)
+    return {"images": [i.to_dict() for i in images], "total": total, "limit": query.limit,
+            "offset": query.offset}
+
+
+@router.get("/{ref}")
+def show_image(ref: str, r: Repo, user: Viewer) -> dict[str, Any]:
+    return r.get(user, ref).to_dict()
+
+
+@router.patch("/{ref}")
+def update_image(ref: str, r: Repo, user: Viewer,
+                 changes: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+    """Change metadata: name, description, visibility, add_tags, remove_tags, properties,
+    remove_properties, protected, base, deactivated."""
+    return r.update(user, ref, changes).to_dict()
+
+
+@router.delete("/{ref}")
+def delete_image(ref: str, r: Repo, user: Viewer) -> dict[str, Any]:
+    return r.delete(user, ref).to_dict()
+
+
+@router.post("/{ref}/members")
+def share_image(ref: str, r: Repo, user: Viewer,
+                member: Annotated[dict[str, str], Body()]) -> dict[str, Any]:
+    """Share with `{"user": NAME}` or `{"group": NAME}`."""
+    return r.share(user, ref, user=member.get("user"), group=member.get("group")).to_dict()
+
+
+@router.delete("/{ref}/members")
+def unshare_image(ref: str, r: Repo, user: Viewer, member_user: Annotated[
+        str | None, Query(alias="user")] = None, group: str | None = None) -> dict[str, Any]:
+    return r.unshare(user, ref, user=member_user, group=group).to_dict()

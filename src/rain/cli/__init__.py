@@ -1,0 +1,1 @@
+"""The `rain` command: parses, calls `rain.client`, prints."""

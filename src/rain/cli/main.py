@@ -1,0 +1,350 @@
+"""`rain` command line. Server-side commands (`serve`, `admin`, `gc`) open the
+repository directly; all others talk to a server through `rain.client`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rain.cli.output import (
+    err,
+    human,
+    image_detail,
+    image_table,
+    out,
+    print_json,
+    transfer_progress,
+)
+from rain.client import Client
+from rain.model.errors import RainError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="rain: build, store, share and deploy virtual machine images.")
+admin_app = typer.Typer(no_args_is_help=True, help="Repository administration (direct access).")
+app.add_typer(admin_app, name="admin")
+
+Url = Annotated[str | None, typer.Option("--url", envvar="RAIN_URL",
+                                         help="Server URL [default: http://127.0.0.1:8480]")]
+Token = Annotated[str | None, typer.Option("--token", envvar="RAIN_TOKEN", help="API token")]
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+DataDir = Annotated[Path | None, typer.Option("--data-dir", envvar="RAIN_DATA_DIR",
+                                              help="Data directory [default: ./var]")]
+Db = Annotated[str | None, typer.Option("--db", envvar="RAIN_DB",
+                                        help="Catalog database URL [default: SQLite in data dir]")]
+
+
+def _client(url: str | None, token: str | None) -> Client:
+    return Client(url, token)
+
+
+def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
+    result = {}
+    for v in values or []:
+        key, sep, val = v.partition("=")
+        if not sep or not key:
+            raise RainError(f"bad {what} {v!r}: expected KEY=VALUE")
+        result[key] = val
+    return result
+
+
+def _open_repo(data_dir: Path | None, db: str | None) -> Any:
+    from rain.config import load_config
+    from rain.repo import Repository
+
+    cfg = load_config(data_dir, db)
+    return cfg, Repository.open(cfg.data_dir, cfg.db_url, cfg.store, cfg.repo)
+
+
+# -- server side ----------------------------------------------------------------
+@app.command()
+def serve(host: Annotated[str | None, typer.Option(help="Listen address")] = None,
+          port: Annotated[int | None, typer.Option(help="Listen port")] = None,
+          data_dir: DataDir = None, db: Db = None,
+          server: Annotated[str, typer.Option(help="granian | uvicorn")] = "granian") -> None:
+    """Run the repository service."""
+    from rain.api.server import run
+
+    if server not in ("granian", "uvicorn"):
+        raise RainError(f"unknown server {server!r}: use granian or uvicorn")
+    cfg, repo = _open_repo(data_dir, db)
+    token = repo.bootstrap_admin()
+    if token:
+        token_file = cfg.data_dir / "admin.token"
+        token_file.write_text(token + "\n")
+        token_file.chmod(0o600)
+        err.print(f"created user 'admin'; its token (also in {token_file}):")
+        print(token, flush=True)
+    host = host or cfg.server.host
+    port = port or cfg.server.port
+    err.print(f"rain serving on http://{host}:{port} (data: {cfg.data_dir}, catalog: "
+              f"{cfg.db_url.split('@')[-1]})")
+    repo.close()
+    run(cfg, host, port, server)
+
+
+@admin_app.command("create-user")
+def create_user(name: str, admin: Annotated[bool, typer.Option("--admin")] = False,
+                group: Annotated[list[str] | None, typer.Option("--group")] = None,
+                quota_bytes: Annotated[str | None, typer.Option(help="e.g. 50G")] = None,
+                quota_images: Annotated[int | None, typer.Option()] = None,
+                data_dir: DataDir = None, db: Db = None, json: Json = False) -> None:
+    """Create a user and print its token (shown only this once)."""
+    from rain.api.images import parse_size
+
+    _, repo = _open_repo(data_dir, db)
+    user, token = repo.local_create_user(
+        name, admin=admin, groups=group or [],
+        quota_bytes=parse_size(quota_bytes) if quota_bytes else None, quota_images=quota_images)
+    if json:
+        print_json({"name": user.name, "admin": user.is_admin, "groups": user.groups,
+                    "token": token})
+    else:
+        print(token)
+
+
+@app.command()
+def gc(data_dir: DataDir = None, db: Db = None,
+       grace: Annotated[float | None, typer.Option(help="Grace period in seconds")] = None,
+       json: Json = False) -> None:
+    """Delete chunks no image references (older than the grace period)."""
+    _, repo = _open_repo(data_dir, db)
+    report = repo.gc(local=True, grace_seconds=grace).to_dict()
+    if json:
+        print_json(report)
+    else:
+        out.print(f"deleted {report['chunks_deleted']} chunks ({human(report['bytes_freed'])}), "
+                  f"{report['manifests_deleted']} manifests; kept {report['chunks_kept']} chunks")
+
+
+# -- client side -----------------------------------------------------------------
+@app.command()
+def push(file: Path, name: Annotated[str, typer.Option("--name", help="Image name")],
+         version: Annotated[str | None, typer.Option()] = None,
+         description: Annotated[str | None, typer.Option()] = None,
+         os_distro: Annotated[str | None, typer.Option("--os-distro")] = None,
+         os_release: Annotated[str | None, typer.Option("--os-release")] = None,
+         arch: Annotated[str | None, typer.Option()] = None,
+         visibility: Annotated[str | None, typer.Option(
+             help="private | shared | public")] = None,
+         tag: Annotated[list[str] | None, typer.Option("--tag")] = None,
+         prop: Annotated[list[str] | None, typer.Option("--property", help="K=V")] = None,
+         parent: Annotated[str | None, typer.Option(help="Image this one derives from")] = None,
+         disk_format: Annotated[str | None, typer.Option(
+             "--disk-format", help="Expected format; refused if the content disagrees")] = None,
+         base: Annotated[bool, typer.Option("--base", help="Mark as a base image")] = False,
+         url: Url = None, token: Token = None, json: Json = False) -> None:
+    """Upload an image file; prints the new image id."""
+    if not file.is_file():
+        raise RainError(f"{file}: no such file")
+    c = _client(url, token)
+    with transfer_progress(f"push {file.name}", file.stat().st_size) as progress:
+        image = c.push(file, name=name, version=version, description=description,
+                       os_distro=os_distro, os_release=os_release, arch=arch,
+                       visibility=visibility, tags=tag or [], properties=_pairs(prop, "property"),
+                       parent=parent, disk_format=disk_format, base=base or None,
+                       progress=progress)
+    if json:
+        print_json(image)
+    else:
+        print(image["id"])
+
+
+@app.command()
+def pull(image: str, output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
+         format: Annotated[str | None, typer.Option(
+             "--format", help="qcow2 | raw | vmdk | vhdx | vdi | vpc")] = None,
+         url: Url = None, token: Token = None, json: Json = False) -> None:
+    """Download an image (converted on the server if --format differs); verifies SHA-256."""
+    c = _client(url, token)
+    info = c.show(image)
+    fmt = format or info.get("disk_format") or "img"
+    dest = output or Path(f"{info['name']}{'-' + info['version'] if info.get('version') else ''}"
+                          f".{fmt}")
+    with transfer_progress(f"pull {info['name']}", info.get("size") if not format else None) as p:
+        result = c.pull(info["id"], dest, format=format, progress=p)
+    if json:
+        print_json(result)
+    else:
+        err.print(f"{dest}: {human(result['size'])}, sha256 {result['sha256']} verified")
+
+
+@app.command()
+def images(name: Annotated[str | None, typer.Option(help="Name or glob")] = None,
+           q: Annotated[str | None, typer.Option("--search", help="Text in name/description")]
+           = None,
+           owner: Annotated[str | None, typer.Option()] = None,
+           visibility: Annotated[str | None, typer.Option()] = None,
+           status: Annotated[list[str] | None, typer.Option("--status")] = None,
+           os_distro: Annotated[str | None, typer.Option("--os-distro")] = None,
+           os_release: Annotated[str | None, typer.Option("--os-release")] = None,
+           arch: Annotated[str | None, typer.Option()] = None,
+           disk_format: Annotated[str | None, typer.Option("--disk-format")] = None,
+           tag: Annotated[list[str] | None, typer.Option("--tag")] = None,
+           prop: Annotated[list[str] | None, typer.Option("--property", help="K=V")] = None,
+           package: Annotated[list[str] | None, typer.Option(
+               "--package", help="e.g. 'nginx>=1.22'")] = None,
+           min_size: Annotated[str | None, typer.Option("--min-size")] = None,
+           max_size: Annotated[str | None, typer.Option("--max-size")] = None,
+           created_after: Annotated[str | None, typer.Option("--created-after")] = None,
+           created_before: Annotated[str | None, typer.Option("--created-before")] = None,
+           unused_for: Annotated[str | None, typer.Option(
+               "--unused-for", help="e.g. 30d: purge candidates")] = None,
+           base: Annotated[bool | None, typer.Option("--base/--not-base")] = None,
+           sort: Annotated[str, typer.Option(help="field, '-' prefix for descending")]
+           = "-created",
+           limit: Annotated[int, typer.Option()] = 100,
+           offset: Annotated[int, typer.Option()] = 0,
+           url: Url = None, token: Token = None, json: Json = False) -> None:
+    """Search the images you can see."""
+    result = _client(url, token).images(
+        name=name, q=q, owner=owner, visibility=visibility, status=status, os_distro=os_distro,
+        os_release=os_release, arch=arch, disk_format=disk_format, tag=tag, property=prop,
+        package=package, min_size=min_size, max_size=max_size, created_after=created_after,
+        created_before=created_before, unused_for=unused_for,
+        base=None if base is None else str(base).lower(), sort=sort, limit=limit, offset=offset)
+    if json:
+        print_json(result)
+    else:
+        image_table(result["images"], result["total"])
+
+
+@app.command()
+def show(image: str, url: Url = None, token: Token = None, json: Json = False) -> None:
+    """Show one image's metadata."""
+    info = _client(url, token).show(image)
+    if json:
+        print_json(info)
+    else:
+        image_detail(info)
+
+
+@app.command()
+def share(image: str, user: Annotated[str | None, typer.Option("--user")] = None,
+          group: Annotated[str | None, typer.Option("--group")] = None,
+          url: Url = None, token: Token = None, json: Json = False) -> None:
+    """Let a user or a group read an image."""
+    if (user is None) == (group is None):
+        raise RainError("give exactly one of --user or --group")
+    info = _client(url, token).share(image, user=user, group=group)
+    who = user or f"group {group}"
+    print_json(info) if json else err.print(f"shared {info['id']} with {who}")
+
+
+@app.command()
+def unshare(image: str, user: Annotated[str | None, typer.Option("--user")] = None,
+            group: Annotated[str | None, typer.Option("--group")] = None,
+            url: Url = None, token: Token = None, json: Json = False) -> None:
+    """Stop sharing an image with a user or a group."""
+    if (user is None) == (group is None):
+        raise RainError("give exactly one of --user or --group")
+    info = _client(url, token).unshare(image, user=user, group=group)
+    print_json(info) if json else err.print(f"unshared {info['id']}")
+
+
+@app.command("set")
+def set_(image: str,
+         prop: Annotated[list[str] | None, typer.Option("--property", help="K=V")] = None,
+         unset: Annotated[list[str] | None, typer.Option("--unset-property")] = None,
+         tag: Annotated[list[str] | None, typer.Option("--tag")] = None,
+         untag: Annotated[list[str] | None, typer.Option("--untag")] = None,
+         visibility: Annotated[str | None, typer.Option()] = None,
+         name: Annotated[str | None, typer.Option()] = None,
+         description: Annotated[str | None, typer.Option()] = None,
+         protected: Annotated[bool | None, typer.Option("--protected/--unprotected")] = None,
+         deactivate: Annotated[bool | None, typer.Option("--deactivate/--reactivate")] = None,
+         base: Annotated[bool | None, typer.Option("--base/--not-base")] = None,
+         url: Url = None, token: Token = None, json: Json = False) -> None:
+    """Change an image's metadata (its content never changes)."""
+    changes: dict[str, Any] = {
+        "properties": _pairs(prop, "property") or None, "remove_properties": unset or None,
+        "add_tags": tag or None, "remove_tags": untag or None, "visibility": visibility,
+        "name": name, "description": description, "protected": protected,
+        "deactivated": deactivate, "base": base}
+    info = _client(url, token).update(image, **{k: v for k, v in changes.items()
+                                                 if v is not None})
+    print_json(info) if json else image_detail(info)
+
+
+@app.command()
+def rm(image: str, url: Url = None, token: Token = None, json: Json = False) -> None:
+    """Delete an image (refused while protected)."""
+    info = _client(url, token).delete(image)
+    print_json(info) if json else err.print(f"deleted {info['id']}")
+
+
+@app.command()
+def match(os_distro: Annotated[str | None, typer.Option("--os-distro", "--distro")] = None,
+          release: Annotated[str | None, typer.Option(help="e.g. 12 or '>=11'")] = None,
+          arch: Annotated[str | None, typer.Option()] = None,
+          package: Annotated[list[str] | None, typer.Option("--package")] = None,
+          tag: Annotated[list[str] | None, typer.Option("--tag")] = None,
+          min_disk: Annotated[str | None, typer.Option("--min-disk", help="e.g. 4G")] = None,
+          prefer: Annotated[list[str] | None, typer.Option(
+              "--prefer", help="tag:T, package:P, property:K=V, base, newest, popular, smallest;"
+              " append =WEIGHT")] = None,
+          limit: Annotated[int, typer.Option()] = 20,
+          url: Url = None, token: Token = None, json: Json = False) -> None:
+    """Rank the images that meet hard requirements by weighted preferences."""
+    req = {k: v for k, v in {"os_distro": os_distro, "release": release, "arch": arch,
+                             "packages": package, "tags": tag, "min_disk": min_disk}.items() if v}
+    matches = _client(url, token).match(req, prefer or [], limit)
+    if json:
+        print_json(matches)
+        return
+    if not matches:
+        err.print("no image meets the requirements")
+        return
+    for rank, m in enumerate(matches, 1):
+        i = m["image"]
+        out.print(f"[bold]{rank}. {i['name']}{':' + i['version'] if i['version'] else ''}[/bold]"
+                  f"  {i['id']}  score {m['score']:.2f}")
+        for reason in m["reasons"]:
+            out.print(f"     {reason}")
+
+
+@app.command()
+def usage(image: Annotated[str | None, typer.Argument()] = None,
+          user: Annotated[str | None, typer.Option("--user")] = None,
+          url: Url = None, token: Token = None, json: Json = False) -> None:
+    """Who pulled what, when, how much."""
+    result = _client(url, token).usage(image, user)
+    if json:
+        print_json(result)
+        return
+    from rich.table import Table
+
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("WHEN", "IMAGE", "USER", "ACTION", "BYTES"):
+        table.add_column(col)
+    for u in result["usage"]:
+        table.add_row(u["at"][:19], u["image_name"], u["user"], u["action"], human(u["bytes"]))
+    out.print(table)
+    out.print(f"{result['pulls']} pulls, {human(result['bytes'])}")
+
+
+@app.command()
+def whoami(url: Url = None, token: Token = None, json: Json = False) -> None:
+    """Show the user the token belongs to."""
+    me = _client(url, token).whoami()
+    print_json(me) if json else out.print(f"{me['name']}{' (admin)' if me['admin'] else ''}")
+
+
+def main() -> None:
+    try:
+        app()
+    except RainError as exc:
+        err.print(f"rain: error: {exc.message}", markup=False, highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("rain: interrupted")
+        sys.exit(130)
+    except OSError as exc:
+        err.print(f"rain: error: {exc}", markup=False, highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Printing for people (rich tables) and scripts (`--json`), and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def image_table(images: list[dict[str, Any]], total: int | None = None) -> None:
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("ID", "NAME", "VERSION", "OS", "ARCH", "FORMAT", "SIZE", "STORED", "VISIBILITY",
+                "STATUS", "OWNER"):
+        table.add_column(col, overflow="fold")
+    for i in images:
+        os_name = " ".join(x for x in (i.get("os_distro"), i.get("os_release")) if x)
+        table.add_row(i["id"][:8], i["name"], i.get("version") or "", os_name,
+                      i.get("arch") or "", i.get("disk_format") or "", human(i.get("size")),
+                      human(i.get("stored_bytes")), i["visibility"], i["status"], i["owner"])
+    out.print(table)
+    if total is not None and total > len(images):
+        out.print(f"[dim]{len(images)} of {total} shown; use --limit/--offset for more[/dim]")
+
+
+def image_detail(i: dict[str, Any]) -> None:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key in ("id", "name", "version", "description", "owner", "visibility", "status",
+                "os_distro", "os_release", "arch", "disk_format"):
+        table.add_row(key, str(i.get(key) or ""))
+    for key in ("size", "virtual_size", "stored_bytes"):
+        table.add_row(key, f"{human(i.get(key))} ({i.get(key)})" if i.get(key) is not None
+                      else "-")
+    table.add_row("sha256", i.get("sha256") or "")
+    table.add_row("tags", ", ".join(i.get("tags") or []))
+    table.add_row("properties", ", ".join(f"{k}={v}" for k, v in
+                                          sorted((i.get("properties") or {}).items())))
+    pk = i.get("packages") or {}
+    table.add_row("packages", f"{len(pk)}: " + ", ".join(f"{k}={v}" for k, v in
+                                                          sorted(pk.items())[:20])
+                  + (" …" if len(pk) > 20 else "") if pk else "")
+    table.add_row("members", ", ".join(m.get("user") or f"group:{m.get('group')}"
+                                       for m in i.get("members") or []))
+    for key in ("parent", "template_digest", "base", "protected", "created", "updated",
+                "last_access", "access_count"):
+        table.add_row(key, str(i.get(key) if i.get(key) is not None else ""))
+    out.print(table)
+
+
+@contextmanager
+def transfer_progress(label: str, total: int | None) -> Iterator[Any]:
+    """A progress bar on a terminal; nothing when output is piped."""
+    if not err.is_terminal:
+        yield None
+        return
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=err,
+                  transient=True) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.advance(task, n)

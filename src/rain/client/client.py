@@ -1,0 +1,197 @@
+"""`Client`: every `/v1` call as a method, errors as rain's own exceptions.
+
+Bulk transfers stream in 1 MiB blocks; `pull` verifies the image's SHA-256 as
+it writes (hashing in a second thread) and writes zero blocks as holes, so a
+mostly empty disk image stays sparse on the client too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from rain.model.errors import ERRORS_BY_CODE, InvalidImage, RainError
+
+DEFAULT_URL = "http://127.0.0.1:8480"
+BLOCK = 1024 * 1024
+Progress = Callable[[int], None]
+
+
+class Client:
+    def __init__(self, url: str | None = None, token: str | None = None, *,
+                 timeout: float = 300.0) -> None:
+        self.url = (url or os.environ.get("RAIN_URL") or DEFAULT_URL).rstrip("/")
+        self.token = token if token is not None else os.environ.get("RAIN_TOKEN")
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers,
+                                  timeout=httpx.Timeout(timeout, connect=10.0))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- plumbing -----------------------------------------------------------
+    def _request(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            resp = self._http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise RainError(f"cannot reach rain at {self.url}: {exc}") from None
+        _raise_for(resp)
+        return resp.json() if resp.content else None
+
+    # -- images ---------------------------------------------------------------
+    def create_image(self, **meta: Any) -> dict[str, Any]:
+        return dict(self._request("POST", "/v1/images", json=meta))
+
+    def upload(self, ref: str, path: Path, *, disk_format: str | None = None,
+               progress: Progress | None = None) -> dict[str, Any]:
+        size = Path(path).stat().st_size
+
+        def blocks() -> Iterator[bytes]:
+            with open(path, "rb") as f:
+                while block := f.read(BLOCK):
+                    if progress:
+                        progress(len(block))
+                    yield block
+
+        params = {"disk_format": disk_format} if disk_format else {}
+        return dict(self._request("PUT", f"/v1/images/{ref}/file", content=blocks(),
+                                  params=params, headers={"Content-Length": str(size)}))
+
+    def push(self, path: str | Path, *, name: str, disk_format: str | None = None,
+             progress: Progress | None = None, **meta: Any) -> dict[str, Any]:
+        """Create the record and upload the data; returns the active image."""
+        path = Path(path)
+        if not path.is_file():
+            raise RainError(f"{path}: no such file")
+        image = self.create_image(name=name, **{k: v for k, v in meta.items() if v is not None})
+        return self.upload(image["id"], path, disk_format=disk_format, progress=progress)
+
+    def pull(self, ref: str, out: str | Path, *, format: str | None = None,
+             progress: Progress | None = None) -> dict[str, Any]:
+        """Download to `out` (written via a temp file, renamed once verified)."""
+        out = Path(out)
+        params = {"format": format} if format else {}
+        tmp = out.with_name(f".{out.name}.part")
+        hasher = hashlib.sha256()
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
+            with self._http.stream("GET", f"/v1/images/{ref}/file", params=params) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    _raise_for(resp)
+                expected = resp.headers.get("x-rain-sha256", "")
+                total = 0
+                pending = []
+                with open(tmp, "wb") as f:
+                    for block in resp.iter_bytes(BLOCK):
+                        pending.append(pool.submit(hasher.update, block))
+                        if block.count(0) == len(block):
+                            f.seek(len(block), os.SEEK_CUR)
+                        else:
+                            f.write(block)
+                        total += len(block)
+                        if progress:
+                            progress(len(block))
+                        if len(pending) > 16:
+                            pending.pop(0).result()
+                    f.truncate(total)
+                for p in pending:
+                    p.result()
+            digest = hasher.hexdigest()
+            if expected and digest != expected:
+                raise InvalidImage(f"download of {ref} is corrupt: sha256 {digest} != {expected}")
+            os.replace(tmp, out)
+        except httpx.TransportError as exc:
+            raise RainError(f"download of {ref} failed: {exc}") from None
+        finally:
+            pool.shutdown()
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return {"id": resp.headers.get("x-rain-image-id"), "path": str(out), "size": total,
+                "sha256": digest, "disk_format": resp.headers.get("x-rain-disk-format")}
+
+    def get_range(self, ref: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the image: one HTTP Range request."""
+        try:
+            resp = self._http.get(f"/v1/images/{ref}/file",
+                                  headers={"Range": f"bytes={start}-{end - 1}"})
+        except httpx.TransportError as exc:
+            raise RainError(f"cannot reach rain at {self.url}: {exc}") from None
+        _raise_for(resp)
+        return resp.content
+
+    def images(self, **filters: Any) -> dict[str, Any]:
+        params = {k: v for k, v in filters.items() if v is not None and v != []}
+        return dict(self._request("GET", "/v1/images", params=params))
+
+    def show(self, ref: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/v1/images/{ref}"))
+
+    def update(self, ref: str, **changes: Any) -> dict[str, Any]:
+        return dict(self._request("PATCH", f"/v1/images/{ref}", json=changes))
+
+    def delete(self, ref: str) -> dict[str, Any]:
+        return dict(self._request("DELETE", f"/v1/images/{ref}"))
+
+    def share(self, ref: str, *, user: str | None = None,
+              group: str | None = None) -> dict[str, Any]:
+        body = {"user": user} if user else {"group": group}
+        return dict(self._request("POST", f"/v1/images/{ref}/members", json=body))
+
+    def unshare(self, ref: str, *, user: str | None = None,
+                group: str | None = None) -> dict[str, Any]:
+        params = {"user": user} if user else {"group": group}
+        return dict(self._request("DELETE", f"/v1/images/{ref}/members", params=params))
+
+    def match(self, requirements: dict[str, Any], preferences: list[str],
+              limit: int = 20) -> list[dict[str, Any]]:
+        body = {"requirements": requirements, "preferences": preferences, "limit": limit}
+        return list(self._request("POST", "/v1/match", json=body)["matches"])
+
+    def usage(self, image: str | None = None, user: str | None = None) -> dict[str, Any]:
+        params = {k: v for k, v in {"image": image, "by": user}.items() if v}
+        return dict(self._request("GET", "/v1/usage", params=params))
+
+    # -- users and service -----------------------------------------------------
+    def whoami(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/v1/users/me"))
+
+    def create_user(self, name: str, *, admin: bool = False, groups: list[str] | None = None,
+                    quota_bytes: int | None = None,
+                    quota_images: int | None = None) -> dict[str, Any]:
+        return dict(self._request("POST", "/v1/users", json={
+            "name": name, "admin": admin, "groups": groups or [], "quota_bytes": quota_bytes,
+            "quota_images": quota_images}))
+
+    def gc(self) -> dict[str, Any]:
+        return dict(self._request("POST", "/v1/gc"))
+
+    def health(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/v1/health"))
+
+
+def _raise_for(resp: httpx.Response) -> None:
+    if resp.status_code < 400:
+        return
+    try:
+        err = resp.json()["error"]
+        code, message = str(err["code"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        code, message = "error", f"HTTP {resp.status_code}: {resp.text[:200]}"
+    cls = ERRORS_BY_CODE.get(code, RainError)
+    exc = cls(message)
+    exc.status = resp.status_code
+    raise exc

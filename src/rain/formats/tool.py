@@ -1,0 +1,216 @@
+"""The one place rain runs external tools.
+
+Every `qemu-img` (and later `sfdisk`, `mke2fs`, ...) call goes through
+`run_tool`: argv lists only (never a shell), a timeout that kills the whole
+process group, optional CPU/address-space ceilings and one error type,
+`ToolFailed`, whose one-line message names the tool and quotes the end of its
+stderr.
+
+The ceilings matter because image headers are attacker-controlled: a crafted
+qcow2/vmdk can make `qemu-img info` allocate gigabytes or spin for minutes.
+OpenStack caps `qemu-img info` the same way (OSSA-2015-014: prlimit with 1 GiB
+of address space and 30 s of CPU); `ToolLimits()` carries the same numbers.
+
+Limits are applied with `setrlimit` in the child between fork and exec
+(`preexec_fn`). CPython documents `preexec_fn` as unsafe with threads because
+the child could deadlock on a lock held at fork time; the function used here
+only calls `resource.setrlimit` on pre-computed integers, which takes no Python
+or libc locks, so it is safe in the threaded API server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rain.model.errors import ToolFailed
+
+GiB = 1 << 30
+
+# How much of stderr is kept on the error (the message itself quotes only the end).
+_STDERR_KEPT = 64 * 1024
+_TAIL_LINES = 2
+_TAIL_CHARS = 300
+
+
+@dataclass(frozen=True)
+class ToolLimits:
+    """Ceilings for one run of a tool over untrusted input.
+
+    `cpu_seconds` and `memory_bytes` (address space) are enforced by the
+    kernel; `timeout` is wall-clock time, after which the process group is
+    killed. `None` means no ceiling.
+    """
+
+    cpu_seconds: int | None = 30
+    memory_bytes: int | None = 1 * GiB
+    timeout: float = 60.0
+
+
+# For inspecting untrusted images (qemu-img info/check): the OpenStack numbers.
+DEFAULT_LIMITS = ToolLimits()
+# Converting reads and writes the whole image, so time scales with its size;
+# qemu-img convert also keeps several coroutine buffers and a thread pool.
+CONVERT_LIMITS = ToolLimits(cpu_seconds=3600, memory_bytes=2 * GiB, timeout=3600.0)
+
+
+class ToolExitError(ToolFailed):
+    """The tool ran to completion and reported failure with a non-zero exit status.
+
+    Callers that run a tool over untrusted input catch this one to turn the
+    tool's complaint into `InvalidImage`; timeouts, limit kills and missing
+    binaries stay plain `ToolFailed`.
+    """
+
+    def __init__(self, message: str, *, tool: str, stderr: str, returncode: int) -> None:
+        super().__init__(message, tool=tool, stderr=stderr)
+        self.returncode = returncode
+
+
+def run_tool(
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    cpu_seconds: int | None = None,
+    memory_bytes: int | None = None,
+    input: bytes | None = None,
+    cwd: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `argv` and return its completed process (stdout and stderr as bytes).
+
+    Raises `ToolFailed` when the tool is missing, times out or is killed by a
+    signal (including the kernel enforcing `cpu_seconds`), and `ToolExitError`
+    on a non-zero exit unless `check` is false (for tools such as
+    `qemu-img check` whose exit status carries results).
+    """
+    if isinstance(argv, str | bytes) or not argv:
+        raise TypeError("run_tool takes a non-empty argv list, never a shell string")
+    args = [str(a) for a in argv]
+    tool = os.path.basename(args[0])
+    preexec = _rlimit_setter(cpu_seconds, memory_bytes)
+    run_env = dict(os.environ if env is None else env)
+    run_env.setdefault("LC_ALL", "C")  # stable, parseable messages
+    try:
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=run_env,
+            preexec_fn=preexec,
+            start_new_session=True,  # own process group, so a timeout kills helpers too
+            close_fds=True,
+        )
+    except FileNotFoundError:
+        raise ToolFailed(f"{tool} is not installed (not found on PATH)", tool=tool) from None
+    except OSError as exc:
+        raise ToolFailed(f"{tool} could not be started: {exc.strerror}", tool=tool) from None
+
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, err = _drain(proc)
+        stderr = _decode(err)
+        raise ToolFailed(
+            _message(tool, f"timed out after {timeout:g} s and was killed", stderr),
+            tool=tool,
+            stderr=stderr,
+        ) from None
+    except BaseException:
+        _kill_group(proc)
+        _drain(proc)
+        raise
+
+    stderr = _decode(err)
+    rc = proc.returncode
+    if rc < 0:
+        raise ToolFailed(
+            _message(tool, _signal_reason(-rc, cpu_seconds, memory_bytes), stderr),
+            tool=tool,
+            stderr=stderr,
+        )
+    if rc != 0 and check:
+        raise ToolExitError(
+            _message(tool, f"failed (exit {rc})", stderr),
+            tool=tool,
+            stderr=stderr,
+            returncode=rc,
+        )
+    return subprocess.CompletedProcess(args, rc, out, err)
+
+
+def stderr_tail(stderr: str, lines: int = _TAIL_LINES) -> str:
+    """The last non-empty lines of stderr joined on one line (what messages quote)."""
+    kept = [line.strip() for line in stderr.splitlines() if line.strip()][-lines:]
+    tail = " / ".join(kept)
+    if len(tail) > _TAIL_CHARS:
+        tail = "…" + tail[-_TAIL_CHARS:]
+    return tail
+
+
+def _message(tool: str, what: str, stderr: str) -> str:
+    tail = stderr_tail(stderr)
+    return f"{tool} {what}: {tail}" if tail else f"{tool} {what}"
+
+
+def _signal_reason(signum: int, cpu_seconds: int | None, memory_bytes: int | None) -> str:
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    if signum == signal.SIGXCPU and cpu_seconds is not None:
+        return f"was killed by {name} (CPU time limit of {cpu_seconds} s)"
+    if signum == signal.SIGKILL and cpu_seconds is not None:
+        return f"was killed by {name} (CPU time limit of {cpu_seconds} s, or out of memory)"
+    if memory_bytes is not None and signum in (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS):
+        return f"was killed by {name} (memory limit of {memory_bytes >> 20} MiB likely exceeded)"
+    return f"was killed by {name}"
+
+
+def _rlimit_setter(cpu_seconds: int | None, memory_bytes: int | None) -> Callable[[], None] | None:
+    """A preexec function applying the limits in the child, or None when there are none."""
+    limits: list[tuple[int, tuple[int, int]]] = []
+    if cpu_seconds is not None:
+        # Soft limit sends SIGXCPU; the hard limit one second later is a SIGKILL
+        # for a tool that catches or ignores SIGXCPU.
+        limits.append((resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1)))
+    if memory_bytes is not None:
+        limits.append((resource.RLIMIT_AS, (memory_bytes, memory_bytes)))
+    if not limits:
+        return None
+    frozen = tuple(limits)
+
+    def apply() -> None:
+        for which, value in frozen:
+            resource.setrlimit(which, value)
+
+    return apply
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _drain(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
+    """Collect what the killed process wrote, without hanging on a stray pipe holder."""
+    try:
+        out, err = proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return out or b"", err or b""
+
+
+def _decode(err: bytes | None) -> str:
+    return (err or b"")[-_STDERR_KEPT:].decode("utf-8", "replace")

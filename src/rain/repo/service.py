@@ -1,0 +1,341 @@
+"""The repository: store + catalog + formats behind one permission-checked API.
+
+Every method takes the acting user (`viewer`, None = anonymous) first. Images
+are resolved through the viewer's visibility, so an image they may not see is
+always NotFound — never Forbidden, which would confirm it exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from rain.catalog import Catalog, ImageQuery, Match, Preference, Requirements, utcnow
+from rain.formats import ToolLimits
+from rain.model import (
+    Conflict,
+    DiskFormat,
+    Forbidden,
+    Image,
+    ImageStatus,
+    InvalidRequest,
+    NotFound,
+    QuotaExceeded,
+    Unauthorized,
+    UsageRecord,
+    User,
+    Visibility,
+)
+from rain.repo.access import (
+    require_admin,
+    require_modify,
+    require_readable_data,
+    require_user,
+)
+from rain.repo.config import RepoConfig
+from rain.repo.convert import variant_for
+from rain.repo.upload import UploadLimits, stream_into_store
+from rain.store import ChunkStore, FilesystemBackend, GcReport, ImageManifest, StoreConfig, collect
+
+CREATE_FIELDS = {"name", "version", "description", "visibility", "os_distro", "os_release",
+                 "arch", "tags", "properties", "packages", "parent", "base", "protected",
+                 "disk_format", "template_digest"}
+UPDATE_FIELDS = {"name", "version", "description", "visibility", "os_distro", "os_release",
+                 "arch", "add_tags", "remove_tags", "properties", "remove_properties", "base",
+                 "protected", "deactivated"}
+
+
+@dataclass
+class Download:
+    image: Image
+    manifest: ImageManifest
+    disk_format: DiskFormat
+    sha256: str
+    size: int
+
+
+class Repository:
+    def __init__(self, catalog: Catalog, store: ChunkStore, config: RepoConfig,
+                 work_dir: Path) -> None:
+        self.catalog = catalog
+        self.store = store
+        self.config = config
+        self.work_dir = work_dir
+
+    @classmethod
+    def open(cls, data_dir: Path, db_url: str, store_config: StoreConfig | None = None,
+             config: RepoConfig | None = None) -> Repository:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        store = ChunkStore(FilesystemBackend(data_dir / "store"), store_config)
+        return cls(Catalog(db_url), store, config or RepoConfig(), data_dir / "tmp")
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    @property
+    def tool_limits(self) -> ToolLimits:
+        return ToolLimits(cpu_seconds=self.config.inspect_cpu_seconds,
+                          memory_bytes=self.config.inspect_memory_bytes)
+
+    # -- users -------------------------------------------------------------
+    def authenticate(self, token: str | None) -> User | None:
+        if not token:
+            return None
+        user = self.catalog.user_for_token(token)
+        if user is None:
+            raise Unauthorized("invalid token")
+        return user
+
+    def bootstrap_admin(self) -> str | None:
+        """On first start, create `admin` and return its token (None if users exist)."""
+        if self.catalog.count_users():
+            return None
+        self.catalog.create_user("admin", admin=True)
+        return self.catalog.issue_token("admin", "bootstrap")
+
+    def create_user(self, viewer: User | None, name: str, *, admin: bool = False,
+                    groups: list[str] | None = None, quota_bytes: int | None = None,
+                    quota_images: int | None = None) -> tuple[User, str]:
+        require_admin(viewer)
+        return self._create_user(name, admin=admin, groups=groups, quota_bytes=quota_bytes,
+                                 quota_images=quota_images)
+
+    def _create_user(self, name: str, *, admin: bool = False, groups: list[str] | None = None,
+                     quota_bytes: int | None = None,
+                     quota_images: int | None = None) -> tuple[User, str]:
+        user = self.catalog.create_user(
+            name, admin=admin, groups=groups,
+            quota_bytes=self.config.default_quota_bytes if quota_bytes is None else quota_bytes,
+            quota_images=(self.config.default_quota_images if quota_images is None
+                          else quota_images))
+        return user, self.catalog.issue_token(name, "created")
+
+    def local_create_user(self, name: str, **kw: Any) -> tuple[User, str]:
+        """For `rain admin create-user`, which runs with direct access to the database."""
+        return self._create_user(name, **kw)
+
+    # -- reading -----------------------------------------------------------
+    def get(self, viewer: User | None, ref: str) -> Image:
+        self._require_read(viewer)
+        return self.catalog.resolve(ref, viewer)
+
+    def search(self, viewer: User | None, query: ImageQuery) -> tuple[list[Image], int]:
+        self._require_read(viewer)
+        return self.catalog.search(query, viewer)
+
+    def match(self, viewer: User | None, req: Requirements,
+              prefs: list[Preference], limit: int = 20) -> list[Match]:
+        self._require_read(viewer)
+        return self.catalog.match(req, prefs, viewer, limit)
+
+    def _require_read(self, viewer: User | None) -> None:
+        if viewer is None and not self.config.anonymous_read:
+            require_user(viewer)
+
+    # -- creating and uploading ----------------------------------------------
+    def create(self, viewer: User | None, meta: dict[str, Any]) -> Image:
+        user = require_user(viewer)
+        unknown = set(meta) - CREATE_FIELDS
+        if unknown:
+            raise InvalidRequest(f"unknown image fields: {', '.join(sorted(unknown))}")
+        _, count = self.catalog.usage_totals(user.id)
+        if user.quota_images is not None and count >= user.quota_images:
+            raise QuotaExceeded(f"user {user.name!r} has reached the quota of "
+                                f"{user.quota_images} images")
+        fields: dict[str, Any] = {}
+        for key in ("version", "description", "os_distro", "os_release", "arch",
+                    "template_digest"):
+            if meta.get(key) is not None:
+                fields[key] = str(meta[key])
+        fields["visibility"] = _visibility(meta.get("visibility", "private"))
+        if meta.get("disk_format"):
+            fields["disk_format"] = str(_disk_format(meta["disk_format"]))
+        fields["is_base"] = bool(meta.get("base", False))
+        fields["protected"] = bool(meta.get("protected", False))
+        if meta.get("parent"):
+            fields["parent_id"] = self.catalog.resolve(str(meta["parent"]), user).id
+        version = fields.get("version", "")
+        if version:
+            existing, _ = self.catalog.search(
+                ImageQuery(name=str(meta.get("name", "")), owner=user.name,
+                           status=["queued", "saving", "active", "deactivated"], limit=1000),
+                user)
+            if any(i.version == version for i in existing):
+                raise Conflict(f"you already have an image {meta.get('name')}:{version}; "
+                               "images are write-once, push a new version")
+        return self.catalog.create_image(
+            user, name=str(meta.get("name", "")), tags=[str(t) for t in meta.get("tags", [])],
+            properties={str(k): str(v) for k, v in (meta.get("properties") or {}).items()},
+            packages={str(k): str(v) for k, v in (meta.get("packages") or {}).items()},
+            **fields)
+
+    async def upload(self, viewer: User | None, ref: str, body: AsyncIterator[bytes],
+                     declared: DiskFormat | None = None) -> Image:
+        image = self.catalog.resolve(ref, require_user(viewer))
+        require_modify(viewer, image, "upload data to")
+        if image.status != ImageStatus.QUEUED or not self.catalog.transition(
+                image.id, [ImageStatus.QUEUED], ImageStatus.SAVING):
+            raise Conflict(f"image {image.id} is {image.status}, not queued: images are "
+                           "write-once, push a new image instead")
+        declared = declared or image.disk_format
+        owner = self.catalog.get_user(image.owner)
+        used, _ = self.catalog.usage_totals(owner.id)
+        quota_left = None if owner.quota_bytes is None else max(owner.quota_bytes - used, 0)
+        limits = UploadLimits(self.config.max_virtual_size, quota_left, owner.name,
+                              self.tool_limits)
+        try:
+            result = await stream_into_store(self.store, body, declared=declared, limits=limits,
+                                             spool_dir=self.work_dir, image_id=image.id)
+        except BaseException:
+            self.catalog.transition(image.id, [ImageStatus.SAVING], ImageStatus.KILLED)
+            raise
+        ok = self.catalog.transition(
+            image.id, [ImageStatus.SAVING], ImageStatus.ACTIVE, sha256=result.manifest.sha256,
+            size=result.manifest.size, virtual_size=result.virtual_size,
+            disk_format=str(result.disk_format), stored_bytes=result.stored_bytes,
+            manifest_id=result.manifest_id)
+        if not ok:
+            raise Conflict(f"image {image.id} changed state during the upload")
+        return self.catalog.get_image(image.id)
+
+    # -- downloading ---------------------------------------------------------
+    def open_download(self, viewer: User | None, ref: str,
+                      fmt: DiskFormat | None = None) -> Download:
+        self._require_read(viewer)
+        image = self.catalog.resolve(ref, viewer)
+        if image.status not in (ImageStatus.ACTIVE, ImageStatus.DEACTIVATED):
+            raise Conflict(f"image {image.id} is {image.status} and has no data to pull")
+        require_readable_data(viewer, image)
+        manifest_id = self.catalog.manifest_id(image.id)
+        assert manifest_id and image.disk_format
+        if fmt is None or fmt == image.disk_format or {fmt, image.disk_format} == {
+                DiskFormat.RAW, DiskFormat.ISO}:
+            manifest = self.store.get_manifest(manifest_id)
+            return Download(image, manifest, image.disk_format, manifest.sha256, manifest.size)
+        variant = variant_for(self.catalog, self.store, image, manifest_id, fmt, self.work_dir)
+        manifest = self.store.get_manifest(variant.manifest_id)
+        return Download(image, manifest, fmt, variant.sha256, variant.size)
+
+    async def open_download_async(self, viewer: User | None, ref: str,
+                                  fmt: DiskFormat | None = None) -> Download:
+        return await asyncio.to_thread(self.open_download, viewer, ref, fmt)
+
+    def record_pull(self, viewer: User | None, image: Image, nbytes: int, *,
+                    fresh: bool) -> None:
+        now = utcnow()
+        self.catalog.record_usage(image.id, viewer.id if viewer else None, "pull", nbytes, now)
+        if fresh:
+            self.catalog.record_access(image.id, now)
+
+    # -- changing ------------------------------------------------------------
+    def update(self, viewer: User | None, ref: str, changes: dict[str, Any]) -> Image:
+        image = self.catalog.resolve(ref, require_user(viewer))
+        require_modify(viewer, image)
+        unknown = set(changes) - UPDATE_FIELDS
+        if unknown:
+            raise InvalidRequest(f"unknown fields: {', '.join(sorted(unknown))}")
+        fields: dict[str, Any] = {}
+        for key in ("name", "version", "description", "os_distro", "os_release", "arch"):
+            if changes.get(key) is not None:
+                fields[key] = str(changes[key])
+        if changes.get("visibility") is not None:
+            fields["visibility"] = _visibility(changes["visibility"])
+        if changes.get("protected") is not None:
+            fields["protected"] = bool(changes["protected"])
+        if changes.get("base") is not None:
+            fields["is_base"] = bool(changes["base"])
+        if fields:
+            self.catalog.update_image(image.id, **fields)
+        if changes.get("add_tags") or changes.get("remove_tags"):
+            self.catalog.edit_tags(image.id, changes.get("add_tags") or [],
+                                   changes.get("remove_tags") or [])
+        if changes.get("properties") or changes.get("remove_properties"):
+            self.catalog.edit_properties(
+                image.id, {str(k): str(v) for k, v in (changes.get("properties") or {}).items()},
+                changes.get("remove_properties") or [])
+        if changes.get("deactivated") is not None:
+            self._set_active(image, not changes["deactivated"])
+        return self.catalog.get_image(image.id)
+
+    def _set_active(self, image: Image, active: bool) -> None:
+        src, dst = ((ImageStatus.DEACTIVATED, ImageStatus.ACTIVE) if active
+                    else (ImageStatus.ACTIVE, ImageStatus.DEACTIVATED))
+        if image.status == dst:
+            return
+        if not self.catalog.transition(image.id, [src], dst):
+            raise Conflict(f"image {image.id} is {image.status}; only active images can be "
+                           "deactivated and only deactivated ones reactivated")
+
+    def share(self, viewer: User | None, ref: str, *, user: str | None = None,
+              group: str | None = None) -> Image:
+        image = self.catalog.resolve(ref, require_user(viewer))
+        require_modify(viewer, image, "share")
+        self.catalog.add_member(image.id, user=user, group=group)
+        if image.visibility == Visibility.PRIVATE:
+            self.catalog.update_image(image.id, visibility=Visibility.SHARED)
+        return self.catalog.get_image(image.id)
+
+    def unshare(self, viewer: User | None, ref: str, *, user: str | None = None,
+                group: str | None = None) -> Image:
+        image = self.catalog.resolve(ref, require_user(viewer))
+        require_modify(viewer, image, "unshare")
+        if not self.catalog.remove_member(image.id, user=user, group=group):
+            raise NotFound(f"image {image.id} is not shared with {user or group!r}")
+        return self.catalog.get_image(image.id)
+
+    def delete(self, viewer: User | None, ref: str) -> Image:
+        image = self.catalog.resolve(ref, require_user(viewer))
+        require_modify(viewer, image, "delete")
+        if image.protected:
+            raise Forbidden(f"image {image.id} is protected; unprotect it before deleting")
+        self.catalog.transition(image.id, [s for s in ImageStatus if s != ImageStatus.DELETED],
+                                ImageStatus.DELETED)
+        self.catalog.drop_variants(image.id)
+        image.status = ImageStatus.DELETED
+        return image
+
+    # -- usage and maintenance ------------------------------------------------
+    def usage(self, viewer: User | None, ref: str | None = None, user: str | None = None,
+              since: datetime | None = None) -> list[UsageRecord]:
+        me = require_user(viewer)
+        if ref:
+            image = self.catalog.resolve(ref, me)
+            # Who else pulled an image is the owner's (or an admin's) business.
+            who = user if (me.is_admin or me.name == image.owner) else me.name
+            return self.catalog.usage(image_id=image.id, user=who, since=since)
+        if user and user != me.name and not me.is_admin:
+            raise Forbidden("only an admin may see another user's usage")
+        return self.catalog.usage(user=user or (None if me.is_admin else me.name), since=since)
+
+    def gc(self, viewer: User | None = None, *, local: bool = False,
+           grace_seconds: float | None = None) -> GcReport:
+        if not local:
+            require_admin(viewer)
+        grace = self.config.gc_grace_seconds if grace_seconds is None else grace_seconds
+        # Uploads whose server died mid-way never finish: after the grace period they are killed.
+        stale, _ = self.catalog.search(ImageQuery(status=["saving", "queued"], limit=1000),
+                                       User(0, "gc", is_admin=True))
+        cutoff = utcnow() - timedelta(seconds=grace)
+        for image in stale:
+            if image.updated and image.updated < cutoff:
+                self.catalog.transition(image.id, [ImageStatus.SAVING], ImageStatus.KILLED)
+        return collect(self.store, self.catalog.live_manifest_ids(), grace_seconds=grace)
+
+
+def _visibility(value: Any) -> Visibility:
+    try:
+        return Visibility(str(value))
+    except ValueError:
+        raise InvalidRequest(f"bad visibility {value!r}: use private, shared or public") from None
+
+
+def _disk_format(value: Any) -> DiskFormat:
+    try:
+        return DiskFormat(str(value))
+    except ValueError:
+        raise InvalidRequest(f"unknown disk format {value!r}: use one of "
+                             f"{', '.join(f.value for f in DiskFormat)}") from None
