@@ -67,8 +67,14 @@ class Client:
                     yield block
 
         params = {"disk_format": disk_format} if disk_format else {}
-        return dict(self._request("PUT", f"/v1/images/{ref}/file", content=blocks(),
-                                  params=params, headers={"Content-Length": str(size)}))
+        try:
+            resp = self._http.put(f"/v1/images/{ref}/file", content=blocks(), params=params,
+                                  headers={"Content-Length": str(size)})
+        except httpx.TransportError as exc:
+            raise RainError(f"upload of {path} was cut off before the server answered ({exc}); "
+                            "the image was not stored") from None
+        _raise_for(resp)
+        return dict(resp.json())
 
     def push(self, path: str | Path, *, name: str, disk_format: str | None = None,
              progress: Progress | None = None, **meta: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from rain.formats import HEADER_BYTES, ToolLimits, inspect_file, inspect_header
 from rain.model import DiskFormat, InvalidImage, QuotaExceeded
 from rain.store import ChunkStore, ImageManifest, ImageWriter
 
-BLOCK = 1024 * 1024
+BLOCK = 4 * 1024 * 1024
 NEEDS_SPOOL = {DiskFormat.QCOW2, DiskFormat.VMDK, DiskFormat.VPC, DiskFormat.VHDX, DiskFormat.VDI}
 
 
@@ -48,7 +48,8 @@ async def stream_into_store(store: ChunkStore, body: AsyncIterator[bytes], *,
                             spool_dir: Path, image_id: str,
                             on_progress: Callable[[int], None] | None = None) -> UploadResult:
     header = bytearray()
-    pending = bytearray()
+    parts: list[bytes] = []
+    queued = 0
     writer: ImageWriter | None = None
     spool: BinaryIO | None = None
     fmt = DiskFormat.RAW
@@ -59,12 +60,16 @@ async def stream_into_store(store: ChunkStore, body: AsyncIterator[bytes], *,
                 if len(header) < HEADER_BYTES:
                     continue
                 fmt, writer, spool = _start(store, bytes(header), declared, limits, spool_dir)
-                pending += header
-            else:
-                pending += piece
-            if len(pending) >= BLOCK:
-                await _feed(writer, bytes(pending))
-                pending.clear()
+                piece = bytes(header)
+            parts.append(piece)
+            queued += len(piece)
+            if queued >= BLOCK:
+                # Hand over whole chunks only, so the writer slices without copying.
+                block = b"".join(parts)
+                cut = len(block) - len(block) % writer.chunk_size
+                parts = [block[cut:]] if cut < len(block) else []
+                queued = len(block) - cut
+                await _feed(writer, block[:cut] if cut < len(block) else block)
                 _check(writer, limits, fmt)
                 if on_progress:
                     on_progress(writer.size)
@@ -72,10 +77,9 @@ async def stream_into_store(store: ChunkStore, body: AsyncIterator[bytes], *,
             if not header:
                 raise InvalidImage("the upload is empty")
             fmt, writer, spool = _start(store, bytes(header), declared, limits, spool_dir)
-            pending += header
-        if pending:
-            await _feed(writer, bytes(pending))
-            pending.clear()
+            parts = [bytes(header)]
+        if parts:
+            await _feed(writer, b"".join(parts))
         _check(writer, limits, fmt)
         manifest = await asyncio.to_thread(writer.finish)
         virtual_size = manifest.size

@@ -47,7 +47,7 @@ class ImageWriter:
         self._closed = False
 
     def _store_chunk(self, data: bytes) -> tuple[bytes, int]:
-        if data == self._zero[: len(data)]:
+        if data == (self._zero if len(data) == self.chunk_size else bytes(len(data))):
             return ZERO_DIGEST, 0
         digest = hashlib.sha256(data).digest()
         return digest, self.store.put_chunk(digest, data)
@@ -66,20 +66,30 @@ class ImageWriter:
             self._hash_pending.popleft().result()
 
     def write(self, data: bytes) -> None:
-        """Accept the next bytes of the image; never blocks on I/O."""
+        """Accept the next bytes of the image; never blocks on I/O.
+
+        Callers that pass blocks whose length is a multiple of the chunk size
+        (the upload path does) avoid every copy but the one per chunk.
+        """
         if not data:
             return
+        data = bytes(data)  # no copy for bytes: the hasher needs an immutable object
         self.size += len(data)
-        self._hash_pending.append(self._hasher.submit(self._hash_block, bytes(data)))
-        self._buf += data
+        self._hash_pending.append(self._hasher.submit(self._hash_block, data))
         cs = self.chunk_size
-        if len(self._buf) >= cs:
-            whole = len(self._buf) - len(self._buf) % cs
-            view = memoryview(self._buf)
-            for off in range(0, whole, cs):
-                self._pending.append(_POOL.submit(self._store_chunk, bytes(view[off : off + cs])))
-            view.release()
-            del self._buf[:whole]
+        view = memoryview(data)
+        if self._buf:
+            need = cs - len(self._buf)
+            self._buf += view[:need]
+            view = view[need:]
+            if len(self._buf) == cs:
+                self._pending.append(_POOL.submit(self._store_chunk, bytes(self._buf)))
+                self._buf.clear()
+        whole = len(view) - len(view) % cs
+        for off in range(0, whole, cs):
+            self._pending.append(_POOL.submit(self._store_chunk, bytes(view[off : off + cs])))
+        if whole < len(view):
+            self._buf += view[whole:]
         self._reap()
 
     def backpressure(self) -> Future[object] | None:

@@ -21,6 +21,18 @@ from pathlib import Path
 from rain.store.backend import ObjectInfo
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing the file out now, without waiting.
+
+    Batched durability ends in one `sync()`; starting writeback per object as
+    it is written spreads the disk work over the upload instead of leaving
+    all of it for the commit.
+    """
+    _libc.sync_file_range(fd, ctypes.c_longlong(0), ctypes.c_longlong(0),
+                          ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
 
 
 class FilesystemBackend:
@@ -47,6 +59,8 @@ class FilesystemBackend:
                 view = view[written:]
             if sync:
                 os.fsync(fd)
+            else:
+                _start_writeback(fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
