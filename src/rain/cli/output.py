@@ -18,7 +18,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-out = Console(soft_wrap=True)
+# Piped output is not cut to 80 columns: scripts and `grep` see whole rows.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 250)
 err = Console(stderr=True, soft_wrap=True)
 
 
