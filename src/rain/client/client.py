@@ -8,15 +8,15 @@ mostly empty disk image stays sparse on the client too.
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import json
 import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from rain.client.transfer import download_file, upload_file
 from rain.model.errors import ERRORS_BY_CODE, InvalidImage, RainError
 
 DEFAULT_URL = "http://127.0.0.1:8480"
@@ -29,7 +29,9 @@ class Client:
                  timeout: float = 300.0) -> None:
         self.url = (url or os.environ.get("RAIN_URL") or DEFAULT_URL).rstrip("/")
         self.token = token if token is not None else os.environ.get("RAIN_TOKEN")
+        self.timeout = timeout
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self._auth = dict(headers)
         self._http = httpx.Client(base_url=self.url, headers=headers,
                                   timeout=httpx.Timeout(timeout, connect=10.0))
 
@@ -57,24 +59,15 @@ class Client:
 
     def upload(self, ref: str, path: Path, *, disk_format: str | None = None,
                progress: Progress | None = None) -> dict[str, Any]:
-        size = Path(path).stat().st_size
-
-        def blocks() -> Iterator[bytes]:
-            with open(path, "rb") as f:
-                while block := f.read(BLOCK):
-                    if progress:
-                        progress(len(block))
-                    yield block
-
-        params = {"disk_format": disk_format} if disk_format else {}
+        query = f"?disk_format={disk_format}" if disk_format else ""
         try:
-            resp = self._http.put(f"/v1/images/{ref}/file", content=blocks(), params=params,
-                                  headers={"Content-Length": str(size)})
-        except httpx.TransportError as exc:
+            reply = upload_file(f"{self.url}/v1/images/{ref}/file{query}", Path(path),
+                                self._auth, timeout=self.timeout, progress=progress)
+        except OSError as exc:
             raise RainError(f"upload of {path} was cut off before the server answered ({exc}); "
                             "the image was not stored") from None
-        _raise_for(resp)
-        return dict(resp.json())
+        _raise_for_reply(reply.status, reply.body)
+        return dict(json.loads(reply.body))
 
     def push(self, path: str | Path, *, name: str, disk_format: str | None = None,
              progress: Progress | None = None, **meta: Any) -> dict[str, Any]:
@@ -87,47 +80,29 @@ class Client:
 
     def pull(self, ref: str, out: str | Path, *, format: str | None = None,
              progress: Progress | None = None) -> dict[str, Any]:
-        """Download to `out` (written via a temp file, renamed once verified)."""
+        """Download to `out` (via a temp file, renamed once the SHA-256 is verified)."""
         out = Path(out)
-        params = {"format": format} if format else {}
         tmp = out.with_name(f".{out.name}.part")
-        hasher = hashlib.sha256()
-        pool = ThreadPoolExecutor(max_workers=1)
+        query = f"?format={format}" if format else ""
         try:
-            with self._http.stream("GET", f"/v1/images/{ref}/file", params=params) as resp:
-                if resp.status_code >= 400:
-                    resp.read()
-                    _raise_for(resp)
-                expected = resp.headers.get("x-rain-sha256", "")
-                total = 0
-                pending = []
-                with open(tmp, "wb") as f:
-                    for block in resp.iter_bytes(BLOCK):
-                        pending.append(pool.submit(hasher.update, block))
-                        if block.count(0) == len(block):
-                            f.seek(len(block), os.SEEK_CUR)
-                        else:
-                            f.write(block)
-                        total += len(block)
-                        if progress:
-                            progress(len(block))
-                        if len(pending) > 16:
-                            pending.pop(0).result()
-                    f.truncate(total)
-                for p in pending:
-                    p.result()
-            digest = hasher.hexdigest()
+            reply, digest, total = download_file(f"{self.url}/v1/images/{ref}/file{query}",
+                                                 tmp, self._auth, timeout=self.timeout,
+                                                 progress=progress)
+            _raise_for_reply(reply.status, reply.body)
+            expected = reply.headers.get("x-rain-sha256", "")
+            length = int(reply.headers.get("content-length", total))
+            if total != length:
+                raise RainError(f"download of {ref} was cut short at {total} of {length} bytes")
             if expected and digest != expected:
                 raise InvalidImage(f"download of {ref} is corrupt: sha256 {digest} != {expected}")
             os.replace(tmp, out)
-        except httpx.TransportError as exc:
+        except OSError as exc:
             raise RainError(f"download of {ref} failed: {exc}") from None
         finally:
-            pool.shutdown()
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-        return {"id": resp.headers.get("x-rain-image-id"), "path": str(out), "size": total,
-                "sha256": digest, "disk_format": resp.headers.get("x-rain-disk-format")}
+        return {"id": reply.headers.get("x-rain-image-id"), "path": str(out), "size": total,
+                "sha256": digest, "disk_format": reply.headers.get("x-rain-disk-format")}
 
     def get_range(self, ref: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of the image: one HTTP Range request."""
@@ -190,14 +165,18 @@ class Client:
 
 
 def _raise_for(resp: httpx.Response) -> None:
-    if resp.status_code < 400:
+    _raise_for_reply(resp.status_code, resp.content)
+
+
+def _raise_for_reply(status: int, body: bytes) -> None:
+    if status < 400:
         return
     try:
-        err = resp.json()["error"]
+        err = json.loads(body)["error"]
         code, message = str(err["code"]), str(err["message"])
     except (ValueError, KeyError, TypeError):
-        code, message = "error", f"HTTP {resp.status_code}: {resp.text[:200]}"
+        code, message = "error", f"HTTP {status}: {body[:200].decode(errors='replace')}"
     cls = ERRORS_BY_CODE.get(code, RainError)
     exc = cls(message)
-    exc.status = resp.status_code
+    exc.status = status
     raise exc

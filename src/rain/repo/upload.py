@@ -48,8 +48,6 @@ async def stream_into_store(store: ChunkStore, body: AsyncIterator[bytes], *,
                             spool_dir: Path, image_id: str,
                             on_progress: Callable[[int], None] | None = None) -> UploadResult:
     header = bytearray()
-    parts: list[bytes] = []
-    queued = 0
     writer: ImageWriter | None = None
     spool: BinaryIO | None = None
     fmt = DiskFormat.RAW
@@ -61,15 +59,8 @@ async def stream_into_store(store: ChunkStore, body: AsyncIterator[bytes], *,
                     continue
                 fmt, writer, spool = _start(store, bytes(header), declared, limits, spool_dir)
                 piece = bytes(header)
-            parts.append(piece)
-            queued += len(piece)
-            if queued >= BLOCK:
-                # Hand over whole chunks only, so the writer slices without copying.
-                block = b"".join(parts)
-                cut = len(block) - len(block) % writer.chunk_size
-                parts = [block[cut:]] if cut < len(block) else []
-                queued = len(block) - cut
-                await _feed(writer, block[:cut] if cut < len(block) else block)
+            await _feed(writer, piece)
+            if writer.size % BLOCK < len(piece):  # about every BLOCK bytes
                 _check(writer, limits, fmt)
                 if on_progress:
                     on_progress(writer.size)
@@ -77,9 +68,7 @@ async def stream_into_store(store: ChunkStore, body: AsyncIterator[bytes], *,
             if not header:
                 raise InvalidImage("the upload is empty")
             fmt, writer, spool = _start(store, bytes(header), declared, limits, spool_dir)
-            parts = [bytes(header)]
-        if parts:
-            await _feed(writer, b"".join(parts))
+            await _feed(writer, bytes(header))
         _check(writer, limits, fmt)
         manifest = await asyncio.to_thread(writer.finish)
         virtual_size = manifest.size
@@ -114,11 +103,12 @@ def _start(store: ChunkStore, header: bytes, declared: DiskFormat | None, limits
     return fmt, ImageWriter(store, spool=spool), spool
 
 
-async def _feed(writer: ImageWriter, block: bytes) -> None:
-    writer.write(block)
+async def _feed(writer: ImageWriter, piece: bytes) -> None:
+    # Wait (without blocking the event loop) until the writer has a free buffer.
     while (fut := writer.backpressure()) is not None:
         with contextlib.suppress(Exception):  # errors surface again in finish()
             await asyncio.wrap_future(fut)
+    writer.write(piece)
 
 
 def _check(writer: ImageWriter, limits: UploadLimits, fmt: DiskFormat) -> None:

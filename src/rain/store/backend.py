@@ -7,7 +7,7 @@ A filesystem backend ships now; an S3 backend implements the same protocol.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,8 +20,9 @@ class ObjectInfo:
 
 
 class Backend(Protocol):
-    def put(self, key: str, data: bytes, *, sync: bool = False) -> None:
-        """Store `data` atomically under `key`: readers see all of it or nothing."""
+    def put(self, key: str, data: bytes | memoryview | Sequence[bytes | memoryview], *,
+            sync: bool = False) -> None:
+        """Store `data` (or the concatenation of its parts) atomically under `key`."""
 
     def get(self, key: str) -> bytes:
         """Return the object; raise KeyError when absent."""

@@ -62,7 +62,7 @@ class ChunkStore:
             d = self._local.d = zstandard.ZstdDecompressor()
         return d
 
-    def put_chunk(self, digest: bytes, data: bytes) -> int:
+    def put_chunk(self, digest: bytes, data: bytes | memoryview) -> int:
         """Store a chunk unless present; returns the bytes this call added (0 on a dedup hit).
 
         A hit refreshes the object's mtime so a concurrent gc's grace period
@@ -73,13 +73,13 @@ class ChunkStore:
         if info is not None and info.size > 1:
             self.backend.touch(key)
             return 0
-        payload = RAW + data
+        parts: list[bytes | memoryview] = [RAW, data]
         if self.config.compress:
             packed = self._compressor().compress(data)
             if len(packed) < len(data) - len(data) // 8:
-                payload = ZSTD + packed
-        self.backend.put(key, payload, sync=self.config.fsync == "chunk")
-        return len(payload) - 1
+                parts = [ZSTD, packed]
+        self.backend.put(key, parts, sync=self.config.fsync == "chunk")
+        return len(parts[1])
 
     def get_chunk(self, digest: bytes, length: int, *, image: str = "") -> bytes:
         key = chunk_key(digest)

@@ -13,11 +13,15 @@ kind of pool; runs of zero chunks are produced without touching the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+import numpy as np
 
 from rain.store.chunks import ChunkStore
 from rain.store.manifest import ZERO_DIGEST, ImageManifest
@@ -27,118 +31,186 @@ _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rain-chunk")
 
 
 class ImageWriter:
-    """Cuts a byte stream into chunks, stores them and builds the manifest."""
+    """Cuts a byte stream into chunks, stores them and builds the manifest.
+
+    Incoming bytes are copied once, into one of a few preallocated blocks
+    (a multiple of the chunk size); the whole-image hasher and the chunk
+    workers then read that block through memoryviews, and the block is reused
+    when they are done. No per-chunk allocation, no further copies: in a VM
+    every fresh page costs a fault, and allocation churn was the largest cost
+    of an upload after hashing (docs/benchmarks.md).
+    """
 
     def __init__(self, store: ChunkStore, *, spool: BinaryIO | None = None,
-                 max_inflight: int = 16) -> None:
+                 blocks: int = 6, block_chunks: int = 16) -> None:
         self.store = store
         self.chunk_size = store.config.chunk_size
-        self._zero = bytes(self.chunk_size)
-        self._buf = bytearray()
+        self._block_size = self.chunk_size * block_chunks
+        self._free: deque[bytearray] = deque(BLOCKS.take(self._block_size) for _ in range(blocks))
+        self._cur: bytearray | None = None
+        self._fill = 0
         self._whole = hashlib.sha256()
         self._spool = spool
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rain-sha")
-        self._pending: deque[Future[tuple[bytes, int]]] = deque()
-        self._hash_pending: deque[Future[None]] = deque()
-        self._max_inflight = max_inflight
+        # per dispatched block, in order: (block, its hash future, its chunk futures)
+        self._inflight: deque[tuple[bytearray, Future[None], list[Future[tuple[bytes, int]]]]] = (
+            deque())
         self.size = 0
         self.stored_bytes = 0
         self.chunks: list[bytes] = []
         self._closed = False
 
-    def _store_chunk(self, data: bytes) -> tuple[bytes, int]:
-        if data == (self._zero if len(data) == self.chunk_size else bytes(len(data))):
+    def _store_chunk(self, data: memoryview) -> tuple[bytes, int]:
+        if is_zero(data):
             return ZERO_DIGEST, 0
         digest = hashlib.sha256(data).digest()
         return digest, self.store.put_chunk(digest, data)
 
-    def _hash_block(self, data: bytes) -> None:
+    def _hash_block(self, data: memoryview) -> None:
         self._whole.update(data)
         if self._spool is not None:
             self._spool.write(data)
 
     def _reap(self) -> None:
-        while self._pending and self._pending[0].done():
-            digest, added = self._pending.popleft().result()
-            self.chunks.append(digest)
-            self.stored_bytes += added
-        while self._hash_pending and self._hash_pending[0].done():
-            self._hash_pending.popleft().result()
+        while self._inflight:
+            block, hfut, cfuts = self._inflight[0]
+            if not (hfut.done() and all(f.done() for f in cfuts)):
+                return
+            self._inflight.popleft()
+            hfut.result()
+            for f in cfuts:
+                digest, added = f.result()
+                self.chunks.append(digest)
+                self.stored_bytes += added
+            self._free.append(block)
 
-    def write(self, data: bytes) -> None:
-        """Accept the next bytes of the image; never blocks on I/O.
-
-        Callers that pass blocks whose length is a multiple of the chunk size
-        (the upload path does) avoid every copy but the one per chunk.
-        """
-        if not data:
-            return
-        data = bytes(data)  # no copy for bytes: the hasher needs an immutable object
-        self.size += len(data)
-        self._hash_pending.append(self._hasher.submit(self._hash_block, data))
+    def _dispatch(self) -> None:
+        assert self._cur is not None
+        block, n = self._cur, self._fill
+        view = memoryview(block)[:n]
+        hfut = self._hasher.submit(self._hash_block, view)
         cs = self.chunk_size
+        cfuts = [_POOL.submit(self._store_chunk, view[off : off + cs]) for off in range(0, n, cs)]
+        self._inflight.append((block, hfut, cfuts))
+        self._cur, self._fill = None, 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Accept the next bytes of the image; blocks only when every buffer is in use."""
         view = memoryview(data)
-        if self._buf:
-            need = cs - len(self._buf)
-            self._buf += view[:need]
-            view = view[need:]
-            if len(self._buf) == cs:
-                self._pending.append(_POOL.submit(self._store_chunk, bytes(self._buf)))
-                self._buf.clear()
-        whole = len(view) - len(view) % cs
-        for off in range(0, whole, cs):
-            self._pending.append(_POOL.submit(self._store_chunk, bytes(view[off : off + cs])))
-        if whole < len(view):
-            self._buf += view[whole:]
-        self._reap()
+        self.size += len(view)
+        while view:
+            if self._cur is None:
+                self._reap()
+                while not self._free:
+                    self._inflight[0][1].result()
+                    for f in self._inflight[0][2]:
+                        f.result()
+                    self._reap()
+                self._cur = self._free.popleft()
+            take = min(len(view), self._block_size - self._fill)
+            self._cur[self._fill : self._fill + take] = view[:take]
+            self._fill += take
+            view = view[take:]
+            if self._fill == self._block_size:
+                self._dispatch()
 
     def backpressure(self) -> Future[object] | None:
-        """The oldest unfinished work when too much is in flight, for the caller to wait on."""
+        """Work to wait for before the next write would block, for async callers."""
         self._reap()
-        if len(self._pending) > self._max_inflight:
-            return self._pending[0]  # type: ignore[return-value]
-        if len(self._hash_pending) > self._max_inflight * 4:
-            return self._hash_pending[0]  # type: ignore[return-value]
-        return None
+        if self._free or not self._inflight:
+            return None
+        _, hfut, cfuts = self._inflight[0]
+        futures: list[Future[Any]] = [hfut, *cfuts]
+        pending = [f for f in futures if not f.done()]
+        return pending[0] if pending else None
 
     def wait(self) -> None:
-        """Synchronous callers: block while too much is in flight."""
+        """Synchronous callers: block until a buffer is free."""
         while (fut := self.backpressure()) is not None:
             fut.result()
 
     def drain(self) -> None:
-        """Wait until every chunk handed over so far is stored."""
-        for fut in list(self._pending):
-            fut.result()
+        """Wait until every whole chunk handed over so far is stored."""
+        if self._cur is not None and self._fill and self._fill % self.chunk_size == 0:
+            self._dispatch()
+        for _, hfut, cfuts in list(self._inflight):
+            hfut.result()
+            for f in cfuts:
+                f.result()
         self._reap()
 
     def finish(self) -> ImageManifest:
-        """Flush the last partial chunk and wait for everything; the manifest is not yet saved."""
-        if self._buf:
-            self._pending.append(_POOL.submit(self._store_chunk, bytes(self._buf)))
-            self._buf.clear()
-        for fut in list(self._pending):
-            fut.result()
-        for hfut in list(self._hash_pending):
-            hfut.result()
-        self._reap()
+        """Flush the last partial block and wait for everything; the manifest is not yet saved."""
+        if self._cur is not None and self._fill:
+            self._dispatch()
+        self.drain()
         self._close()
         return ImageManifest(self.chunk_size, self.size, self._whole.hexdigest(), self.chunks)
 
     def abort(self) -> None:
         """Stop early; stored chunks stay unreferenced until gc removes them."""
-        for fut in self._pending:
-            fut.cancel()
-        for hfut in self._hash_pending:
+        for _, hfut, cfuts in self._inflight:
             hfut.cancel()
-        self._pending.clear()
-        self._hash_pending.clear()
+            for f in cfuts:
+                f.cancel()
         self._close()
 
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
             self._hasher.shutdown(wait=True, cancel_futures=True)
+            for _, hfut, cfuts in self._inflight:  # after abort: wait before reusing buffers
+                futures: list[Future[Any]] = [hfut, *cfuts]
+                for f in futures:
+                    with contextlib.suppress(BaseException):
+                        f.result()
+            for block, _, _ in self._inflight:
+                self._free.append(block)
+            self._inflight.clear()
+            if self._cur is not None:
+                self._free.append(self._cur)
+                self._cur = None
+            while self._free:
+                BLOCKS.give(self._free.popleft())
+
+
+class BlockPool:
+    """Upload buffers kept for the life of the process.
+
+    Fresh memory is expensive where page faults are (in VMs, notably): a
+    writer takes warm buffers here instead of allocating and zero-filling new
+    ones for every upload. At most `keep` idle buffers are retained.
+    """
+
+    def __init__(self, keep: int = 24) -> None:
+        self._idle: dict[int, list[bytearray]] = {}
+        self._lock = threading.Lock()
+        self.keep = keep
+
+    def take(self, size: int) -> bytearray:
+        with self._lock:
+            idle = self._idle.get(size)
+            if idle:
+                return idle.pop()
+        return bytearray(size)
+
+    def give(self, block: bytearray) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(len(block), [])
+            if sum(len(v) for v in self._idle.values()) < self.keep:
+                idle.append(block)
+
+
+BLOCKS = BlockPool()
+
+
+def is_zero(data: memoryview | bytes) -> bool:
+    """True when every byte is zero (numpy scans without copying or allocating)."""
+    n = len(data)
+    head = n - n % 8
+    if head and np.count_nonzero(np.frombuffer(data, dtype=np.uint64, count=head // 8)):
+        return False
+    return not any(memoryview(data)[head:])
 
 
 class ImageReader:

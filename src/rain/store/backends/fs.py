@@ -15,7 +15,7 @@ import ctypes
 import itertools
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from rain.store.backend import ObjectInfo
@@ -46,17 +46,25 @@ class FilesystemBackend:
             raise ValueError(f"bad object key {key!r}")
         return self.root / key
 
-    def put(self, key: str, data: bytes, *, sync: bool = False) -> None:
+    def put(self, key: str, data: bytes | memoryview | Sequence[bytes | memoryview], *,
+            sync: bool = False) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         seq = next(self._tmp_seq)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{seq}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            parts = [memoryview(data)] if isinstance(data, bytes | memoryview) else [
+                memoryview(p) for p in data]
+            remaining = sum(len(p) for p in parts)
+            while remaining:  # writev without copying; loop over short writes
+                written = os.writev(fd, parts)
+                remaining -= written
+                while parts and written >= len(parts[0]):
+                    written -= len(parts[0])
+                    parts.pop(0)
+                if parts and written:
+                    parts[0] = parts[0][written:]
             if sync:
                 os.fsync(fd)
             else:
