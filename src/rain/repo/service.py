@@ -38,7 +38,7 @@ from rain.repo.access import (
 )
 from rain.repo.config import RepoConfig
 from rain.repo.convert import variant_for
-from rain.repo.upload import UploadLimits, stream_into_store
+from rain.repo.upload import UploadLimits, UploadResult, UploadSession, stream_into_store
 from rain.store import ChunkStore, FilesystemBackend, GcReport, ImageManifest, StoreConfig, collect
 
 CREATE_FIELDS = {"name", "version", "description", "visibility", "os_distro", "os_release",
@@ -173,26 +173,29 @@ class Repository:
             packages={str(k): str(v) for k, v in (meta.get("packages") or {}).items()},
             **fields)
 
-    async def upload(self, viewer: User | None, ref: str, body: AsyncIterator[bytes],
-                     declared: DiskFormat | None = None) -> Image:
+    def begin_upload(self, viewer: User | None, ref: str,
+                     declared: DiskFormat | None = None) -> tuple[Image, UploadSession]:
+        """Claim a queued image for upload (queued → saving) and set up its session."""
         image = self.catalog.resolve(ref, require_user(viewer))
         require_modify(viewer, image, "upload data to")
         if image.status != ImageStatus.QUEUED or not self.catalog.transition(
                 image.id, [ImageStatus.QUEUED], ImageStatus.SAVING):
             raise Conflict(f"image {image.id} is {image.status}, not queued: images are "
                            "write-once, push a new image instead")
-        declared = declared or image.disk_format
         owner = self.catalog.get_user(image.owner)
         used, _ = self.catalog.usage_totals(owner.id)
         quota_left = None if owner.quota_bytes is None else max(owner.quota_bytes - used, 0)
         limits = UploadLimits(self.config.max_virtual_size, quota_left, owner.name,
                               self.tool_limits)
-        try:
-            result = await stream_into_store(self.store, body, declared=declared, limits=limits,
-                                             spool_dir=self.work_dir, image_id=image.id)
-        except BaseException:
+        session = UploadSession(self.store, declared=declared or image.disk_format,
+                                limits=limits, spool_dir=self.work_dir)
+        return image, session
+
+    def end_upload(self, image: Image, result: UploadResult | None) -> Image:
+        """saving → active with the stored data, or → killed when `result` is None."""
+        if result is None:
             self.catalog.transition(image.id, [ImageStatus.SAVING], ImageStatus.KILLED)
-            raise
+            return image
         ok = self.catalog.transition(
             image.id, [ImageStatus.SAVING], ImageStatus.ACTIVE, sha256=result.manifest.sha256,
             size=result.manifest.size, virtual_size=result.virtual_size,
@@ -201,6 +204,16 @@ class Repository:
         if not ok:
             raise Conflict(f"image {image.id} changed state during the upload")
         return self.catalog.get_image(image.id)
+
+    async def upload(self, viewer: User | None, ref: str, body: AsyncIterator[bytes],
+                     declared: DiskFormat | None = None) -> Image:
+        image, session = self.begin_upload(viewer, ref, declared)
+        try:
+            result = await stream_into_store(session, body)
+        except BaseException:
+            self.end_upload(image, None)
+            raise
+        return self.end_upload(image, result)
 
     # -- downloading ---------------------------------------------------------
     def open_download(self, viewer: User | None, ref: str,

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -23,7 +24,6 @@ from rain.model import DiskFormat, InvalidImage, QuotaExceeded
 from rain.store import ChunkStore, ImageManifest, ImageWriter
 
 BLOCK = 4 * 1024 * 1024
-NEEDS_SPOOL = {DiskFormat.QCOW2, DiskFormat.VMDK, DiskFormat.VPC, DiskFormat.VHDX, DiskFormat.VDI}
 
 
 @dataclass
@@ -43,77 +43,123 @@ class UploadLimits:
     tool: ToolLimits
 
 
-async def stream_into_store(store: ChunkStore, body: AsyncIterator[bytes], *,
-                            declared: DiskFormat | None, limits: UploadLimits,
-                            spool_dir: Path, image_id: str,
-                            on_progress: Callable[[int], None] | None = None) -> UploadResult:
-    header = bytearray()
-    writer: ImageWriter | None = None
-    spool: BinaryIO | None = None
-    fmt = DiskFormat.RAW
+class UploadSession:
+    """One upload in progress, fed synchronously by whichever front end receives it.
+
+    Either `feed(bytes)` pieces as they come, or — the fast path — ask for
+    `buffer()` space, read the socket straight into it and `commit(n)`: the
+    bytes then land in the writer's block without a single copy in Python.
+    """
+
+    def __init__(self, store: ChunkStore, *, declared: DiskFormat | None,
+                 limits: UploadLimits, spool_dir: Path) -> None:
+        self.store = store
+        self.declared = declared
+        self.limits = limits
+        self.spool_dir = spool_dir
+        self.header = bytearray()
+        self.writer: ImageWriter | None = None
+        self.spool: BinaryIO | None = None
+        self.fmt = DiskFormat.RAW
+        self._checked_at = 0
+
+    @property
+    def wants_header(self) -> bool:
+        """Still collecting the first HEADER_BYTES (use `feed` until False)."""
+        return self.writer is None
+
+    @property
+    def header_missing(self) -> int:
+        return max(HEADER_BYTES - len(self.header), 0)
+
+    def feed(self, data: bytes | memoryview) -> None:
+        if self.writer is None:
+            self.header += data
+            if len(self.header) >= HEADER_BYTES:
+                self._start()
+            return
+        self.writer.write(data)
+        self._check()
+
+    def buffer(self) -> memoryview:
+        assert self.writer is not None, "feed the header first"
+        return self.writer.buffer()
+
+    def commit(self, n: int) -> None:
+        assert self.writer is not None
+        self.writer.commit(n)
+        self._check()
+
+    def backpressure(self) -> Future[object] | None:
+        return self.writer.backpressure() if self.writer is not None else None
+
+    def finish(self) -> UploadResult:
+        if self.writer is None:
+            if not self.header:
+                raise InvalidImage("the upload is empty")
+            self._start()
+        assert self.writer is not None
+        self._check(force=True)
+        manifest = self.writer.finish()
+        virtual_size = manifest.size
+        if self.spool is not None:
+            self.spool.flush()
+            info = inspect_file(Path(self.spool.name), declared=self.fmt,
+                                max_virtual_size=self.limits.max_virtual_size,
+                                limits=self.limits.tool)
+            virtual_size = info.virtual_size
+        manifest_id = self.store.put_manifest(manifest)
+        self.close()
+        return UploadResult(manifest, manifest_id, self.fmt, virtual_size,
+                            self.writer.stored_bytes)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+        self.close()
+
+    def close(self) -> None:
+        if self.spool is not None:
+            self.spool.close()  # deletes the temporary file
+            self.spool = None
+
+    def _start(self) -> None:
+        header = bytes(self.header)
+        # For raw and ISO this also has qemu-img probe the header: no spool needed for them.
+        self.fmt = inspect_header(header, None, declared=self.declared,
+                                  max_virtual_size=self.limits.max_virtual_size,
+                                  limits=self.limits.tool)
+        if self.fmt not in (DiskFormat.RAW, DiskFormat.ISO):
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            # Closed (and so deleted) by close().
+            self.spool = tempfile.NamedTemporaryFile(  # noqa: SIM115
+                dir=self.spool_dir, prefix="upload-")  # type: ignore[assignment]
+        self.writer = ImageWriter(self.store, spool=self.spool)
+        self.writer.write(header)
+
+    def _check(self, force: bool = False) -> None:
+        w = self.writer
+        assert w is not None
+        if not force and w.size - self._checked_at < BLOCK:
+            return
+        self._checked_at = w.size
+        if self.fmt in (DiskFormat.RAW, DiskFormat.ISO) and w.size > self.limits.max_virtual_size:
+            raise InvalidImage("image is larger than the limit of "
+                               f"{self.limits.max_virtual_size} bytes")
+        if self.limits.quota_left is not None and w.stored_bytes > self.limits.quota_left:
+            raise QuotaExceeded("upload stopped: it would exceed the storage quota of user "
+                                f"{self.limits.quota_owner!r}")
+
+
+async def stream_into_store(session: UploadSession, body: AsyncIterator[bytes]) -> UploadResult:
+    """The ASGI front end: pieces from an async body, waits without blocking the loop."""
     try:
         async for piece in body:
-            if writer is None:
-                header += piece
-                if len(header) < HEADER_BYTES:
-                    continue
-                fmt, writer, spool = _start(store, bytes(header), declared, limits, spool_dir)
-                piece = bytes(header)
-            await _feed(writer, piece)
-            if writer.size % BLOCK < len(piece):  # about every BLOCK bytes
-                _check(writer, limits, fmt)
-                if on_progress:
-                    on_progress(writer.size)
-        if writer is None:
-            if not header:
-                raise InvalidImage("the upload is empty")
-            fmt, writer, spool = _start(store, bytes(header), declared, limits, spool_dir)
-            await _feed(writer, bytes(header))
-        _check(writer, limits, fmt)
-        manifest = await asyncio.to_thread(writer.finish)
-        virtual_size = manifest.size
-        if spool is not None:
-            spool.flush()
-            info = await asyncio.to_thread(
-                inspect_file, Path(spool.name), declared=fmt,
-                max_virtual_size=limits.max_virtual_size, limits=limits.tool)
-            virtual_size = info.virtual_size
-        manifest_id = await asyncio.to_thread(store.put_manifest, manifest)
-        return UploadResult(manifest, manifest_id, fmt, virtual_size, writer.stored_bytes)
+            while (fut := session.backpressure()) is not None:
+                with contextlib.suppress(Exception):  # errors surface again in finish()
+                    await asyncio.wrap_future(fut)
+            session.feed(piece)
+        return await asyncio.to_thread(session.finish)
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        session.abort()
         raise
-    finally:
-        if spool is not None:
-            spool.close()
-
-
-def _start(store: ChunkStore, header: bytes, declared: DiskFormat | None, limits: UploadLimits,
-           spool_dir: Path) -> tuple[DiskFormat, ImageWriter, BinaryIO | None]:
-    # For raw and ISO this also has qemu-img probe the header: no spool needed for them.
-    fmt = inspect_header(header, None, declared=declared,
-                         max_virtual_size=limits.max_virtual_size, limits=limits.tool)
-    spool: BinaryIO | None = None
-    if fmt not in (DiskFormat.RAW, DiskFormat.ISO):
-        spool_dir.mkdir(parents=True, exist_ok=True)
-        # Closed (and so deleted) by stream_into_store's finally.
-        spool = tempfile.NamedTemporaryFile(  # noqa: SIM115
-            dir=spool_dir, prefix="upload-")  # type: ignore[assignment]
-    return fmt, ImageWriter(store, spool=spool), spool
-
-
-async def _feed(writer: ImageWriter, piece: bytes) -> None:
-    # Wait (without blocking the event loop) until the writer has a free buffer.
-    while (fut := writer.backpressure()) is not None:
-        with contextlib.suppress(Exception):  # errors surface again in finish()
-            await asyncio.wrap_future(fut)
-    writer.write(piece)
-
-
-def _check(writer: ImageWriter, limits: UploadLimits, fmt: DiskFormat) -> None:
-    if fmt in (DiskFormat.RAW, DiskFormat.ISO) and writer.size > limits.max_virtual_size:
-        raise InvalidImage(f"image is larger than the limit of {limits.max_virtual_size} bytes")
-    if limits.quota_left is not None and writer.stored_bytes > limits.quota_left:
-        raise QuotaExceeded(
-            f"upload stopped: it would exceed the storage quota of user {limits.quota_owner!r}")

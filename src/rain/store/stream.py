@@ -94,25 +94,38 @@ class ImageWriter:
         self._inflight.append((block, hfut, cfuts))
         self._cur, self._fill = None, 0
 
-    def write(self, data: bytes | memoryview) -> None:
-        """Accept the next bytes of the image; blocks only when every buffer is in use."""
-        view = memoryview(data)
-        self.size += len(view)
-        while view:
-            if self._cur is None:
+    def buffer(self) -> memoryview:
+        """Free space in the current block, for the caller to fill and `commit`.
+
+        Blocks (waiting for the workers) only when every buffer is in use.
+        """
+        if self._cur is None:
+            self._reap()
+            while not self._free:
+                _, hfut, cfuts = self._inflight[0]
+                hfut.result()
+                for f in cfuts:
+                    f.result()
                 self._reap()
-                while not self._free:
-                    self._inflight[0][1].result()
-                    for f in self._inflight[0][2]:
-                        f.result()
-                    self._reap()
-                self._cur = self._free.popleft()
-            take = min(len(view), self._block_size - self._fill)
-            self._cur[self._fill : self._fill + take] = view[:take]
-            self._fill += take
+            self._cur = self._free.popleft()
+        return memoryview(self._cur)[self._fill :]
+
+    def commit(self, n: int) -> None:
+        """`n` bytes of the last `buffer()` are filled."""
+        self._fill += n
+        self.size += n
+        if self._fill == self._block_size:
+            self._dispatch()
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Accept the next bytes of the image (one copy, into a block)."""
+        view = memoryview(data)
+        while view:
+            space = self.buffer()
+            take = min(len(view), len(space))
+            space[:take] = view[:take]
             view = view[take:]
-            if self._fill == self._block_size:
-                self._dispatch()
+            self.commit(take)
 
     def backpressure(self) -> Future[object] | None:
         """Work to wait for before the next write would block, for async callers."""
