@@ -44,7 +44,7 @@ class Server:
 
 
 def start_server(data_dir: Path, *, extra_env: dict[str, str] | None = None,
-                 db: str | None = None) -> Server:
+                 db: str | None = None, args: tuple[str, ...] = ()) -> Server:
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = data_dir / "server.log"
@@ -53,6 +53,7 @@ def start_server(data_dir: Path, *, extra_env: dict[str, str] | None = None,
     argv = [*RAIN, "serve", "--port", str(port), "--data-dir", str(data_dir)]
     if db:
         argv += ["--db", db]
+    argv += list(args)
     with open(log, "wb") as logf:
         proc = subprocess.Popen(argv, stdout=logf, stderr=logf, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from rain.api.files import bearer_token
 from rain.model import User
 from rain.repo import Repository
 
@@ -15,7 +16,6 @@ def repo(request: Request) -> Repository:
 
 def viewer(request: Request) -> User | None:
     """Bearer token (or OpenStack's X-Auth-Token); no token = anonymous."""
-    auth = request.headers.get("authorization", "")
-    token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-    token = token or request.headers.get("x-auth-token")
+    token = bearer_token(request.headers.get("authorization"),
+                         request.headers.get("x-auth-token"))
     return repo(request).authenticate(token)

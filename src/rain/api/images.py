@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -14,10 +13,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from rain.api.deps import repo, viewer
+from rain.api.files import download_headers
 from rain.api.ranges import parse_range
 from rain.catalog import ImageQuery
 from rain.model import DiskFormat, InvalidRequest, RainError, User
-from rain.repo import Download, Repository
+from rain.repo import Repository
 from rain.store import ImageReader
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
@@ -98,26 +98,12 @@ async def _drain(stream: AsyncIterator[bytes], limit: int) -> None:
             break
 
 
-def _download_headers(d: Download) -> dict[str, str]:
-    b64 = base64.b64encode(bytes.fromhex(d.sha256)).decode()
-    return {
-        "ETag": f'"{d.sha256}"',
-        "Accept-Ranges": "bytes",
-        "Repr-Digest": f"sha-256=:{b64}:",
-        "Digest": f"sha-256={b64}",
-        "X-Rain-Sha256": d.sha256,
-        "X-Rain-Image-Id": d.image.id,
-        "X-Rain-Disk-Format": str(d.disk_format),
-        "Content-Disposition": f'attachment; filename="{d.image.name}.{d.disk_format}"',
-    }
-
-
 @router.api_route("/{ref}/file", methods=["GET", "HEAD"], response_model=None)
 async def download_image(ref: str, request: Request, r: Repo, user: Viewer,
                          format: DiskFormat | None = None) -> Response:
     """Stream the image (converted to `format` if asked); single Range supported."""
     d = await r.open_download_async(user, ref, format)
-    headers = _download_headers(d)
+    headers = download_headers(d)
     rng = parse_range(request.headers.get("range"), d.size)
     start, end = rng if rng else (0, d.size)
     headers["Content-Length"] = str(end - start)

@@ -63,12 +63,14 @@ def _open_repo(data_dir: Path | None, db: str | None) -> Any:
 def serve(host: Annotated[str | None, typer.Option(help="Listen address")] = None,
           port: Annotated[int | None, typer.Option(help="Listen port")] = None,
           data_dir: DataDir = None, db: Db = None,
-          server: Annotated[str, typer.Option(help="granian | uvicorn")] = "granian") -> None:
+          server: Annotated[str, typer.Option(
+              help="native (default) | uvicorn (pure ASGI, slower transfers)")] = "native",
+          ) -> None:
     """Run the repository service."""
     from rain.api.server import run
 
-    if server not in ("granian", "uvicorn"):
-        raise RainError(f"unknown server {server!r}: use granian or uvicorn")
+    if server not in ("native", "uvicorn"):
+        raise RainError(f"unknown server {server!r}: use native or uvicorn")
     cfg, repo = _open_repo(data_dir, db)
     token = repo.bootstrap_admin()
     if token:

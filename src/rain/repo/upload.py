@@ -99,8 +99,8 @@ class UploadSession:
                 raise InvalidImage("the upload is empty")
             self._start()
         assert self.writer is not None
-        self._check(force=True)
         manifest = self.writer.finish()
+        self._check(force=True)  # now that every chunk's stored size is known
         virtual_size = manifest.size
         if self.spool is not None:
             self.spool.flush()
