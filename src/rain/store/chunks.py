@@ -35,8 +35,10 @@ class StoreConfig:
 
 
 def chunk_key(digest: bytes) -> str:
+    # One level of 256 directories: a deeper fan-out makes a first upload
+    # create thousands of directories, which costs more than it saves.
     h = digest.hex()
-    return f"chunks/{h[:2]}/{h[2:4]}/{h}"
+    return f"chunks/{h[:2]}/{h}"
 
 
 def manifest_key(manifest_id: str) -> str:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import hashlib
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
-
-import numpy as np
 
 from rain.store.chunks import ChunkStore
 from rain.store.manifest import ZERO_DIGEST, ImageManifest
@@ -52,19 +51,26 @@ class ImageWriter:
         self._whole = hashlib.sha256()
         self._spool = spool
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rain-sha")
-        # per dispatched block, in order: (block, its hash future, its chunk futures)
-        self._inflight: deque[tuple[bytearray, Future[None], list[Future[tuple[bytes, int]]]]] = (
-            deque())
+        # per dispatched block, in order: (block, its hash future, its chunks' future)
+        self._inflight: deque[tuple[bytearray, Future[None],
+                                    list[Future[list[tuple[bytes, int]]]]]] = deque()
         self.size = 0
         self.stored_bytes = 0
         self.chunks: list[bytes] = []
         self._closed = False
 
-    def _store_chunk(self, data: memoryview) -> tuple[bytes, int]:
-        if is_zero(data):
-            return ZERO_DIGEST, 0
-        digest = hashlib.sha256(data).digest()
-        return digest, self.store.put_chunk(digest, data)
+    def _store_chunks(self, data: memoryview) -> list[tuple[bytes, int]]:
+        """One task per block, not per chunk: the pool's overhead per task is not free."""
+        out = []
+        cs = self.chunk_size
+        for off in range(0, len(data), cs):
+            chunk = data[off : off + cs]
+            if is_zero(chunk):
+                out.append((ZERO_DIGEST, 0))
+                continue
+            digest = hashlib.sha256(chunk).digest()
+            out.append((digest, self.store.put_chunk(digest, chunk)))
+        return out
 
     def _hash_block(self, data: memoryview) -> None:
         self._whole.update(data)
@@ -79,9 +85,9 @@ class ImageWriter:
             self._inflight.popleft()
             hfut.result()
             for f in cfuts:
-                digest, added = f.result()
-                self.chunks.append(digest)
-                self.stored_bytes += added
+                for digest, added in f.result():
+                    self.chunks.append(digest)
+                    self.stored_bytes += added
             self._free.append(block)
 
     def _dispatch(self) -> None:
@@ -89,8 +95,7 @@ class ImageWriter:
         block, n = self._cur, self._fill
         view = memoryview(block)[:n]
         hfut = self._hasher.submit(self._hash_block, view)
-        cs = self.chunk_size
-        cfuts = [_POOL.submit(self._store_chunk, view[off : off + cs]) for off in range(0, n, cs)]
+        cfuts = [_POOL.submit(self._store_chunks, view)]
         self._inflight.append((block, hfut, cfuts))
         self._cur, self._fill = None, 0
 
@@ -218,12 +223,26 @@ BLOCKS = BlockPool()
 
 
 def is_zero(data: memoryview | bytes) -> bool:
-    """True when every byte is zero (numpy scans without copying or allocating)."""
+    """True when every byte is zero: memcmp against zeros, without the GIL."""
     n = len(data)
-    head = n - n % 8
-    if head and np.count_nonzero(np.frombuffer(data, dtype=np.uint64, count=head // 8)):
-        return False
-    return not any(memoryview(data)[head:])
+    view = memoryview(data)
+    if view.readonly:
+        return bytes(view) == bytes(n)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    off = 0
+    while off < n:
+        step = min(len(_ZEROS), n - off)
+        if _memcmp(addr + off, _ZEROS_ADDR, step) != 0:
+            return False
+        off += step
+    return True
+
+
+_ZEROS = bytearray(1024 * 1024)
+_ZEROS_ADDR = ctypes.addressof(ctypes.c_char.from_buffer(_ZEROS))
+_memcmp = ctypes.CDLL(None).memcmp
+_memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+_memcmp.restype = ctypes.c_int
 
 
 class ImageReader:

@@ -24,6 +24,21 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+def _write_all(fd: int, data: bytes | memoryview | Sequence[bytes | memoryview]) -> None:
+    """writev without copying, looping over short writes."""
+    parts = [memoryview(data)] if isinstance(data, bytes | memoryview) else [
+        memoryview(p) for p in data]
+    remaining = sum(len(p) for p in parts)
+    while remaining:
+        written = os.writev(fd, parts)
+        remaining -= written
+        while parts and written >= len(parts[0]):
+            written -= len(parts[0])
+            parts.pop(0)
+        if parts and written:
+            parts[0] = parts[0][written:]
+
+
 def _start_writeback(fd: int) -> None:
     """Ask the kernel to start writing the file out now, without waiting.
 
@@ -39,32 +54,32 @@ class FilesystemBackend:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root = str(self.root)
         self._tmp_seq = itertools.count()
+        self._dirs: set[str] = set()
 
     def _path(self, key: str) -> Path:
-        if key.startswith("/") or ".." in key.split("/"):
+        return Path(self._str(key))
+
+    def _str(self, key: str) -> str:
+        if key.startswith("/") or ".." in key:
             raise ValueError(f"bad object key {key!r}")
-        return self.root / key
+        return f"{self._root}/{key}"
+
+    def _ensure_dir(self, directory: str) -> None:
+        if directory not in self._dirs:
+            os.makedirs(directory, exist_ok=True)
+            self._dirs.add(directory)
 
     def put(self, key: str, data: bytes | memoryview | Sequence[bytes | memoryview], *,
             sync: bool = False) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        seq = next(self._tmp_seq)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{seq}.tmp")
+        path = self._str(key)
+        directory = path.rsplit("/", 1)[0]
+        self._ensure_dir(directory)
+        tmp = f"{directory}/.{os.getpid()}.{threading.get_ident()}.{next(self._tmp_seq)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            parts = [memoryview(data)] if isinstance(data, bytes | memoryview) else [
-                memoryview(p) for p in data]
-            remaining = sum(len(p) for p in parts)
-            while remaining:  # writev without copying; loop over short writes
-                written = os.writev(fd, parts)
-                remaining -= written
-                while parts and written >= len(parts[0]):
-                    written -= len(parts[0])
-                    parts.pop(0)
-                if parts and written:
-                    parts[0] = parts[0][written:]
+            _write_all(fd, data)
             if sync:
                 os.fsync(fd)
             else:
@@ -72,12 +87,12 @@ class FilesystemBackend:
         except BaseException:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+                os.unlink(tmp)
             raise
         os.close(fd)
         os.replace(tmp, path)
         if sync:
-            dfd = os.open(path.parent, os.O_RDONLY)
+            dfd = os.open(directory, os.O_RDONLY)
             try:
                 os.fsync(dfd)
             finally:
@@ -85,28 +100,28 @@ class FilesystemBackend:
 
     def get(self, key: str) -> bytes:
         try:
-            with open(self._path(key), "rb") as f:
+            with open(self._str(key), "rb") as f:
                 return f.read()
         except FileNotFoundError:
             raise KeyError(key) from None
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:
-            st = self._path(key).stat()
+            st = os.stat(self._str(key))
         except FileNotFoundError:
             return None
         return ObjectInfo(key, st.st_size, st.st_mtime)
 
     def touch(self, key: str) -> bool:
         try:
-            os.utime(self._path(key))
+            os.utime(self._str(key))
         except FileNotFoundError:
             return False
         return True
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self._path(key).unlink()
+            os.unlink(self._str(key))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         base = self._path(prefix.rstrip("/")) if prefix else self.root
