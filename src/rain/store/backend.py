@@ -21,8 +21,11 @@ class ObjectInfo:
 
 class Backend(Protocol):
     def put(self, key: str, data: bytes | memoryview | Sequence[bytes | memoryview], *,
-            sync: bool = False) -> None:
-        """Store `data` (or the concatenation of its parts) atomically under `key`."""
+            sync: bool = False, direct: bool = False) -> None:
+        """Store `data` (or the concatenation of its parts) atomically under `key`.
+
+        `direct` is a hint: bypass caches where possible (data written once).
+        """
 
     def get(self, key: str) -> bytes:
         """Return the object; raise KeyError when absent."""

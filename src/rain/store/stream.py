@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import ctypes
 import hashlib
+import mmap
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -45,14 +46,14 @@ class ImageWriter:
         self.store = store
         self.chunk_size = store.config.chunk_size
         self._block_size = self.chunk_size * block_chunks
-        self._free: deque[bytearray] = deque(BLOCKS.take(self._block_size) for _ in range(blocks))
-        self._cur: bytearray | None = None
+        self._free: deque[mmap.mmap] = deque(BLOCKS.take(self._block_size) for _ in range(blocks))
+        self._cur: mmap.mmap | None = None
         self._fill = 0
         self._whole = hashlib.sha256()
         self._spool = spool
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rain-sha")
         # per dispatched block, in order: (block, its hash future, its chunks' future)
-        self._inflight: deque[tuple[bytearray, Future[None],
+        self._inflight: deque[tuple[mmap.mmap, Future[None],
                                     list[Future[list[tuple[bytes, int]]]]]] = deque()
         self.size = 0
         self.stored_bytes = 0
@@ -201,18 +202,19 @@ class BlockPool:
     """
 
     def __init__(self, keep: int = 24) -> None:
-        self._idle: dict[int, list[bytearray]] = {}
+        self._idle: dict[int, list[mmap.mmap]] = {}
         self._lock = threading.Lock()
         self.keep = keep
 
-    def take(self, size: int) -> bytearray:
+    def take(self, size: int) -> mmap.mmap:
+        """A page-aligned buffer (anonymous mmap), so chunks can go out with O_DIRECT."""
         with self._lock:
             idle = self._idle.get(size)
             if idle:
                 return idle.pop()
-        return bytearray(size)
+        return mmap.mmap(-1, size)
 
-    def give(self, block: bytearray) -> None:
+    def give(self, block: mmap.mmap) -> None:
         with self._lock:
             idle = self._idle.setdefault(len(block), [])
             if sum(len(v) for v in self._idle.values()) < self.keep:

@@ -39,6 +39,16 @@ def _write_all(fd: int, data: bytes | memoryview | Sequence[bytes | memoryview])
             parts[0] = parts[0][written:]
 
 
+_DIRECT_ALIGN = 4096
+
+
+def _aligned(view: memoryview) -> bool:
+    """O_DIRECT needs the buffer address and length aligned to the block size."""
+    if view.readonly or len(view) % _DIRECT_ALIGN:
+        return False
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % _DIRECT_ALIGN == 0
+
+
 def _start_writeback(fd: int) -> None:
     """Ask the kernel to start writing the file out now, without waiting.
 
@@ -57,6 +67,7 @@ class FilesystemBackend:
         self._root = str(self.root)
         self._tmp_seq = itertools.count()
         self._dirs: set[str] = set()
+        self._direct_ok = True
 
     def _path(self, key: str) -> Path:
         return Path(self._str(key))
@@ -72,17 +83,26 @@ class FilesystemBackend:
             self._dirs.add(directory)
 
     def put(self, key: str, data: bytes | memoryview | Sequence[bytes | memoryview], *,
-            sync: bool = False) -> None:
+            sync: bool = False, direct: bool = False) -> None:
         path = self._str(key)
         directory = path.rsplit("/", 1)[0]
         self._ensure_dir(directory)
         tmp = f"{directory}/.{os.getpid()}.{threading.get_ident()}.{next(self._tmp_seq)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        direct = direct and self._direct_ok and isinstance(data, memoryview) and _aligned(data)
+        try:
+            fd = os.open(tmp, flags | (os.O_DIRECT if direct else 0), 0o644)
+        except OSError:
+            if not direct:
+                raise
+            self._direct_ok = False  # e.g. tmpfs: no O_DIRECT here
+            direct = False
+            fd = os.open(tmp, flags, 0o644)
         try:
             _write_all(fd, data)
             if sync:
                 os.fsync(fd)
-            else:
+            elif not direct:
                 _start_writeback(fd)
         except BaseException:
             os.close(fd)
