@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import time
@@ -159,3 +160,27 @@ def test_dedup_hit_refreshes_grace(tmp_path: Path) -> None:
     m = w.finish()
     assert w.stored_bytes == 0
     store.put_manifest(m)
+
+
+def test_direct_io_used_and_falls_back_where_refused(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    disk = FilesystemBackend(tmp_path / "disk")
+    store = ChunkStore(disk, StoreConfig(chunk_size=CS, direct_io=True))
+    push(store, image_bytes(9, 8 * CS))
+    assert disk._direct_ok  # /tmp is a disk filesystem here: O_DIRECT was used
+
+    # A filesystem that refuses O_DIRECT (EINVAL at open, as e.g. FUSE mounts do).
+    real_open = os.open
+
+    def refusing_open(path: str, flags: int, *args: int) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr("rain.store.backends.fs.os.open", refusing_open)
+    other = FilesystemBackend(tmp_path / "no-direct")
+    store = ChunkStore(other, StoreConfig(chunk_size=CS, direct_io=True))
+    data = image_bytes(8, 8 * CS)
+    mid, stored = push(store, data)
+    assert not other._direct_ok and stored > 0
+    assert b"".join(ImageReader(store, store.get_manifest(mid)).iter_range()) == data
