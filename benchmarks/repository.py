@@ -60,6 +60,9 @@ class Server:
     proc: subprocess.Popen[bytes]
 
 
+SERVER_MODE = ["native"]  # set from --server in main()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -88,7 +91,7 @@ def rain_server(data_dir: Path) -> Iterator[Server]:
     log = data_dir / "server.log"
     with open(log, "wb") as logf:
         proc = subprocess.Popen([*RAIN, "serve", "--host", "127.0.0.1", "--port", str(port),
-                                 "--data-dir", str(data_dir)],
+                                 "--data-dir", str(data_dir), "--server", SERVER_MODE[0]],
                                 stdout=logf, stderr=logf, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -400,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--via", choices=("client", "cli"), default="client",
                     help="push/pull with the in-process Client (default) or the rain CLI")
     ap.add_argument("--skip-family", action="store_true", help="only the throughput part")
+    ap.add_argument("--server", choices=("native", "uvicorn"), default="native",
+                    help="rain serve front end (default native; uvicorn = pure ASGI baseline)")
     args = ap.parse_args(argv)
+    SERVER_MODE[0] = args.server
 
     size = parse_size(args.size)
     work: Path = args.work_dir
@@ -430,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"- command: `{command}`")
             print(f"- image: {human(size)} raw, ext4 with {human(imgs.data_bytes)} of files, "
                   f"page cache warm; client and server on the same machine (loopback), "
-                  f"push/pull via {args.via}\n")
+                  f"push/pull via {args.via}, server front end {args.server}\n")
             for headers, rows in tables:
                 print(table(headers, rows, markdown=True))
                 print()
