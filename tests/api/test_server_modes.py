@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import httpx
 import pytest
-import sqlalchemy as sa
 
 from rain.client import Client
 from rain.model.errors import NotFound
 from tests.api.test_repository import make_raw, sha256
-from tests.conftest import start_server, stop_server
+from tests.conftest import fresh_postgres_db, start_server, stop_server
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.mark.postgres
 def test_push_pull_search_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
-    name = "srv" + uuid.uuid4().hex[:10]
-    engine = sa.create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://"),
-                              isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    engine.dispose()
-    server = start_server(tmp_path / "data", db=postgres_url.rsplit("/", 1)[0] + "/" + name)
+    server = start_server(tmp_path / "data", db=fresh_postgres_db(postgres_url, "srv"))
     try:
         c = Client(server.url, server.token)
         img = make_raw(tmp_path / "pg.raw", size=4 * 1024 * 1024, seed=21)

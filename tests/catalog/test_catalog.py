@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -11,6 +10,7 @@ import sqlalchemy as sa
 
 from rain.catalog import Catalog, ImageQuery, Preference, Requirements, utcnow
 from rain.model import Conflict, ImageStatus, InvalidRequest, NotFound, User
+from tests.conftest import fresh_postgres_db
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -18,14 +18,7 @@ def catalog(request: pytest.FixtureRequest, tmp_path) -> Iterator[Catalog]:  # t
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'c.db'}"
     else:
-        base = request.getfixturevalue("postgres_url")
-        name = "t" + uuid.uuid4().hex[:12]
-        engine = sa.create_engine(base.replace("postgresql://", "postgresql+psycopg://"),
-                                  isolation_level="AUTOCOMMIT")
-        with engine.connect() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE {name}"))
-        engine.dispose()
-        url = base.rsplit("/", 1)[0] + "/" + name
+        url = fresh_postgres_db(request.getfixturevalue("postgres_url"))
     c = Catalog(url)
     yield c
     c.close()

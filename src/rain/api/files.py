@@ -6,6 +6,10 @@ import base64
 
 from rain.repo import Download
 
+# How much of a refused upload's body the server reads (and drops) before it
+# answers, so a client still sending sees the error instead of a reset.
+DRAIN_LIMIT = 256 * 1024 * 1024
+
 
 def download_headers(d: Download) -> dict[str, str]:
     b64 = base64.b64encode(bytes.fromhex(d.sha256)).decode()

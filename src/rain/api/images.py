@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from rain.api.deps import repo, viewer
-from rain.api.files import download_headers
+from rain.api.files import DRAIN_LIMIT, download_headers
 from rain.api.ranges import parse_range
 from rain.catalog import ImageQuery
 from rain.model import DiskFormat, InvalidRequest, RainError, User
@@ -86,8 +86,6 @@ async def upload_image(ref: str, request: Request, r: Repo, user: Viewer,
         raise
     return JSONResponse(image.to_dict())
 
-
-DRAIN_LIMIT = 256 * 1024 * 1024
 
 
 async def _drain(stream: AsyncIterator[bytes], limit: int) -> None:

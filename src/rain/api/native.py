@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from fastapi import FastAPI
 
-from rain.api.files import bearer_token, download_headers
+from rain.api.files import DRAIN_LIMIT, bearer_token, download_headers
 from rain.api.ranges import RangeNotSatisfiable, parse_range
 from rain.model import DiskFormat, InvalidRequest, RainError, User
 from rain.repo import Repository
@@ -41,7 +41,6 @@ from rain.store import ImageReader
 log = logging.getLogger("rain.api.native")
 FILE_PATH = re.compile(r"^/v1/images/([^/]+)/file$")
 MAX_API_BODY = 16 * 1024 * 1024
-DRAIN_LIMIT = 256 * 1024 * 1024
 IDLE_TIMEOUT = 300.0
 
 
