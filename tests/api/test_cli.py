@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.api.test_repository import make_raw
-from tests.conftest import Server, free_port, run_cli
+from tests.conftest import RAIN, Server, free_port, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -69,3 +71,18 @@ def test_admin_create_user_prints_token_once(server: Server) -> None:
     dup = run_cli("admin", "create-user", "dora", "--data-dir", str(server.data_dir),
                   env=server.env(), check=False)
     assert dup.returncode == 1 and "already exists" in dup.stderr
+
+
+def test_progress_bar_on_a_terminal_only(server: Server, tmp_path: Path) -> None:
+    """On a terminal push and pull draw a progress bar; piped output stays clean."""
+    img = make_raw(tmp_path / "p.raw", size=32 * 1024 * 1024, seed=32)
+    env = server.env()
+    cmd = (f"{shlex.join(RAIN)} push {img} --name progress && "
+           f"{shlex.join(RAIN)} pull progress -o {tmp_path / 'out.raw'}")
+    tty = subprocess.run(["script", "-qfec", cmd, "/dev/null"], env={**env, "COLUMNS": "100"},
+                         capture_output=True, text=True, timeout=120)
+    assert tty.returncode == 0, tty.stdout
+    assert "push p.raw" in tty.stdout and "pull progress" in tty.stdout  # the bars' labels
+    assert "MB" in tty.stdout  # transfer column
+    piped = run_cli("push", str(img), "--name", "progress2", env=env)
+    assert piped.stderr == "" and len(piped.stdout.strip()) == 36
