@@ -79,3 +79,33 @@ def test_same_api_on_uvicorn(tmp_path: Path) -> None:
             c.push(img, name="lie", disk_format="qcow2")
     finally:
         stop_server(server.proc)
+
+
+def test_concurrent_pushes_and_pulls(server: Server, tmp_path: Path) -> None:
+    """Threads per connection share the store, the catalog and the buffer pool safely."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = Client(server.url, server.token)
+    shared = make_raw(tmp_path / "shared.raw", size=4 * 1024 * 1024, seed=50, data_fraction=1.0)
+    images = [make_raw(tmp_path / f"i{i}.raw", size=6 * 1024 * 1024, seed=60 + i) for i in range(4)]
+
+    def push(i: int) -> dict:  # type: ignore[type-arg]
+        # half of the pushes race on identical content (same chunks at the same time)
+        return Client(server.url, server.token).push(images[i % 4] if i % 2 else shared,
+                                                     name=f"concurrent-{i}")
+
+    with ThreadPoolExecutor(6) as pool:
+        pushed = list(pool.map(push, range(6)))
+    for i, image in enumerate(pushed):
+        src = images[i % 4] if i % 2 else shared
+        assert image["sha256"] == sha256(src)
+
+    def pull(i: int) -> str:
+        out = tmp_path / f"out{i}.raw"
+        Client(server.url, server.token).pull(pushed[i]["id"], out)
+        return sha256(out)
+
+    with ThreadPoolExecutor(6) as pool:
+        digests = list(pool.map(pull, range(6)))
+    assert digests == [image["sha256"] for image in pushed]
+    assert c.images(name="concurrent-*")["total"] == 6
