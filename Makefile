@@ -10,7 +10,7 @@ PORT   ?= 8480
 
 # Debian packages: the tools rain drives (qemu-img, mke2fs, ...). The test suite
 # also needs a PostgreSQL server to run the catalog tests against.
-RUN_DEBS  := qemu-utils e2fsprogs openssl
+RUN_DEBS  := qemu-utils e2fsprogs openssl debootstrap
 TEST_DEBS := $(RUN_DEBS) postgresql
 
 .PHONY: run test lint deps-run deps-test venv clean bench
