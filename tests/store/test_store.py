@@ -184,3 +184,30 @@ def test_direct_io_used_and_falls_back_where_refused(tmp_path: Path,
     mid, stored = push(store, data)
     assert not other._direct_ok and stored > 0
     assert b"".join(ImageReader(store, store.get_manifest(mid)).iter_range()) == data
+
+
+@pytest.mark.parametrize("spooled", [False, True])
+def test_known_zeros_give_the_same_image_as_written_zeros(tmp_path: Path, spooled: bool) -> None:
+    """write_zeros (the holes of a sparse upload) must be indistinguishable from zero bytes."""
+    store = make_store(tmp_path)
+    rnd = os.urandom
+    # data, a zero run that ends mid-chunk, data, whole zero chunks, a trailing hole
+    parts: list[bytes | int] = [rnd(CS + 100), CS * 2 + 50, rnd(7), CS * 5, rnd(CS), CS * 3 + 1]
+    plain = b"".join(p if isinstance(p, bytes) else bytes(p) for p in parts)
+    spool = open(tmp_path / "spool", "w+b") if spooled else None  # noqa: SIM115
+    w = ImageWriter(store, spool=spool, blocks=2, block_chunks=2)
+    for p in parts:
+        if isinstance(p, bytes):
+            w.write(p)
+        else:
+            w.write_zeros(p)
+    m = w.finish()
+    assert m.sha256 == hashlib.sha256(plain).hexdigest() and m.size == len(plain)
+    ref = make_store(tmp_path / "ref")
+    rw = ImageWriter(ref)
+    rw.write(plain)
+    assert m.chunks == rw.finish().chunks
+    assert b"".join(ImageReader(store, m).iter_range()) == plain
+    if spool is not None:
+        spool.close()
+        assert (tmp_path / "spool").read_bytes() == plain

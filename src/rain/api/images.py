@@ -17,6 +17,7 @@ from rain.api.files import DRAIN_LIMIT, download_headers
 from rain.api.ranges import parse_range
 from rain.catalog import ImageQuery
 from rain.model import DiskFormat, InvalidRequest, RainError, User
+from rain.model.sparse import MEDIA_TYPE as SPARSE_MEDIA_TYPE
 from rain.repo import Repository
 from rain.store import ImageReader
 
@@ -72,6 +73,14 @@ async def upload_image(ref: str, request: Request, r: Repo, user: Viewer,
                 yield piece
 
     stream = body()
+    if (request.headers.get("content-type") or "").startswith(SPARSE_MEDIA_TYPE):
+        # The sparse encoding is decoded by the native front end only; a client
+        # that gets this answer sends the plain bytes instead.
+        with contextlib.suppress(ClientDisconnect):
+            await _drain(stream, DRAIN_LIMIT)
+        return JSONResponse({"error": {"code": "unsupported_media_type",
+                                       "message": "this server takes plain image bytes only"}},
+                            status_code=415)
     try:
         image = await r.upload(user, ref, stream, disk_format)
     except ClientDisconnect:

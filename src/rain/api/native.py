@@ -34,8 +34,9 @@ from fastapi import FastAPI
 
 from rain.api.files import DRAIN_LIMIT, bearer_token, download_headers
 from rain.api.ranges import RangeNotSatisfiable, parse_range
+from rain.api.sparse import MEDIA_TYPE, SparseBodyReader, sparse_header, sparse_parts, wants_sparse
 from rain.model import DiskFormat, InvalidRequest, RainError, User
-from rain.repo import Repository
+from rain.repo import Download, Repository
 from rain.store import ImageReader
 
 log = logging.getLogger("rain.api.native")
@@ -226,15 +227,18 @@ class RainHandler(BaseHTTPRequestHandler):
 
     # -- image data --------------------------------------------------------------
     def _upload(self, ref: str, query: dict[str, list[str]]) -> None:
-        body = BodyReader(self.rfile, self.headers)
+        raw = BodyReader(self.rfile, self.headers)
+        body: BodyReader | SparseBodyReader = raw
         declared = _format(query.get("disk_format"))
         try:
             viewer = self._viewer()
             image, session = self.repo.begin_upload(viewer, ref, declared)
         except RainError:
-            self.close_connection = not body.drain(DRAIN_LIMIT)
+            self.close_connection = not raw.drain(DRAIN_LIMIT)
             raise
         try:
+            if (self.headers.get("Content-Type") or "").startswith(MEDIA_TYPE):
+                body = SparseBodyReader(raw, max_size=self.repo.config.max_virtual_size)
             while session.wants_header:
                 chunk = bytearray(session.header_missing)
                 n = body.readinto(memoryview(chunk))
@@ -242,6 +246,10 @@ class RainHandler(BaseHTTPRequestHandler):
                     break
                 session.feed(memoryview(chunk)[:n])
             while not body.done:
+                if isinstance(body, SparseBodyReader) and (zeros := body.zero_run()):
+                    body.skip(zeros)
+                    session.zeros(zeros)
+                    continue
                 n = body.readinto(session.buffer())
                 session.commit(n)
             result = session.finish()
@@ -254,7 +262,7 @@ class RainHandler(BaseHTTPRequestHandler):
                 return
             if isinstance(exc, RainError):
                 # Let a client that is still sending read the answer.
-                self.close_connection = not body.drain(DRAIN_LIMIT)
+                self.close_connection = not raw.drain(DRAIN_LIMIT)
             raise
         payload = json.dumps(self.repo.end_upload(image, result).to_dict()).encode()
         self._start(200, {"Content-Type": "application/json",
@@ -270,6 +278,9 @@ class RainHandler(BaseHTTPRequestHandler):
         except RangeNotSatisfiable:
             headers = {"Content-Range": f"bytes */{d.size}"}
             raise
+        if rng is None and wants_sparse(self.headers.get("Accept")):
+            self._download_sparse(viewer, d, headers)
+            return
         start, end = rng if rng else (0, d.size)
         inm = self.headers.get("If-None-Match")
         if inm and inm.strip() in (headers["ETag"], "*"):
@@ -299,6 +310,32 @@ class RainHandler(BaseHTTPRequestHandler):
         finally:
             if sent > 0:
                 self.repo.record_pull(viewer, d.image, sent, fresh=False)
+
+    def _download_sparse(self, viewer: User | None, d: Download, headers: dict[str, str]) -> None:
+        """The whole image without its zero chunks, digests up front (rain.model.sparse)."""
+        sparse = sparse_header(d.manifest)
+        for name in ("Repr-Digest", "Digest", "Accept-Ranges"):
+            headers.pop(name, None)  # they describe the plain bytes, not this encoding
+        headers.update({"Content-Type": MEDIA_TYPE, "Vary": "Accept",
+                        "ETag": headers["ETag"][:-1] + '.sparse"',
+                        "Content-Length": str(sparse.body_length())})
+        self._start(200, headers)
+        if self.command == "HEAD":
+            return
+        try:
+            reader = ImageReader(self.repo.store, d.manifest, image=d.image.id)
+            last: bytes | memoryview | None = None
+            for part in sparse_parts(reader, sparse):
+                if last is not None:
+                    self.wfile.write(last)
+                last = part
+            # Recorded before the last part leaves, as for plain downloads.
+            self.repo.record_pull(viewer, d.image, d.size, fresh=True)
+            if last is not None:
+                self.wfile.write(last)
+        except RainError as exc:
+            log.error("download of %s stopped: %s", d.image.id, exc.message)
+            self.close_connection = True
 
     # -- everything else -----------------------------------------------------------
     def _asgi(self, path: str, query: str) -> None:

@@ -18,9 +18,14 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import numpy as np
+
+from rain.client.sparse import receive, runs, scan
+from rain.model.sparse import MEDIA_TYPE as SPARSE_TYPE
+from rain.model.sparse import SparseHeader
 
 BUFFER = 4 * 1024 * 1024
 SEGMENT = 256 * 1024  # zero detection granularity when writing sparse files
@@ -44,59 +49,103 @@ def _connect(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]
 
 
 def upload_file(url: str, path: Path, headers: dict[str, str], *, timeout: float,
-                progress: Progress | None = None) -> Reply:
-    """PUT a file; if the server answers early (an error) the answer is still read."""
+                progress: Progress | None = None, sparse: bool = True) -> Reply:
+    """PUT a file; if the server answers early (an error) the answer is still read.
+
+    With `sparse` the body leaves out all-zero segments (rain.model.sparse); a
+    server that does not take that encoding (415) gets the plain bytes.
+    """
+    if sparse:
+        reply = _put(url, path, headers, timeout, progress, scan(path))
+        if reply.status != 415:
+            return reply
+    return _put(url, path, headers, timeout, progress, None)
+
+
+def _put(url: str, path: Path, headers: dict[str, str], timeout: float,
+         progress: Progress | None, sparse: SparseHeader | None) -> Reply:
     conn, target = _connect(url, timeout)
     size = Path(path).stat().st_size
+    if sparse is None:
+        extra = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
+    else:
+        extra = {"Content-Length": str(sparse.body_length()), "Content-Type": SPARSE_TYPE}
     try:
         conn.putrequest("PUT", target, skip_accept_encoding=True)
-        for key, value in {**headers, "Content-Length": str(size),
-                           "Content-Type": "application/octet-stream"}.items():
+        for key, value in {**headers, **extra}.items():
             conn.putheader(key, value)
         conn.endheaders()
         # If the server refuses mid-way its reply (if any) says why.
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            _send_file(conn, path, size, progress)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError), open(path, "rb") as f:
+            if sparse is None:
+                _send_range(conn, f, 0, size, progress)
+            else:
+                assert conn.sock is not None
+                conn.sock.sendall(sparse.pack())
+                done = 0
+                for off, length in runs(sparse):
+                    _send_range(conn, f, off, length, None)
+                    if progress:
+                        progress(off + length - done)
+                        done = off + length
+                if progress and size > done:
+                    progress(size - done)
         resp = conn.getresponse()
         return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
     finally:
         conn.close()
 
 
-def _send_file(conn: http.client.HTTPConnection, path: Path, size: int,
-               progress: Progress | None) -> None:
+def _send_range(conn: http.client.HTTPConnection, f: BinaryIO, offset: int, length: int,
+                progress: Progress | None) -> None:
     sock = conn.sock
     assert sock is not None
-    with open(path, "rb") as f:
-        sent = 0
-        while sent < size:
-            if isinstance(sock, socket.socket) and not hasattr(sock, "context"):
-                n = sock.sendfile(f, sent, min(BUFFER * 16, size - sent))
-            else:  # TLS: no sendfile
-                data = f.read(BUFFER)
-                sock.sendall(data)
-                n = len(data)
-            if n == 0:
-                break
-            sent += n
-            if progress:
-                progress(n)
+    sent = 0
+    while sent < length:
+        if isinstance(sock, socket.socket) and not hasattr(sock, "context"):
+            n = sock.sendfile(f, offset + sent, min(BUFFER * 16, length - sent))
+        else:  # TLS: no sendfile
+            f.seek(offset + sent)
+            data = f.read(min(BUFFER, length - sent))
+            sock.sendall(data)
+            n = len(data)
+        if n == 0:
+            raise ConnectionResetError("the file ended early or the connection closed")
+        sent += n
+        if progress:
+            progress(n)
+
+
+@dataclass
+class Downloaded:
+    reply: Reply
+    sha256: str  # of what was written (plain), or the image digest the chunks proved (sparse)
+    size: int  # bytes of image written
+    complete: bool  # every byte the server promised arrived (and was verified, if sparse)
 
 
 def download_file(url: str, out: Path, headers: dict[str, str], *, timeout: float,
-                  progress: Progress | None = None) -> tuple[Reply, str, int]:
-    """GET into `out` (created sparse); returns the reply, the body's SHA-256 and its length.
+                  progress: Progress | None = None, sparse: bool = True) -> Downloaded:
+    """GET into `out` (created sparse).
 
-    On an error status nothing is written and the reply carries the body.
+    With `sparse`, a server that speaks rain's sparse encoding sends only the
+    non-zero chunks with their digests, each verified here; otherwise the
+    whole body's SHA-256 is computed while writing. On an error status nothing
+    is written and the reply carries the body.
     """
     conn, target = _connect(url, timeout)
     try:
-        conn.request("GET", target, headers=headers)
+        accept = {"Accept": f"{SPARSE_TYPE}, application/octet-stream"} if sparse else {}
+        conn.request("GET", target, headers={**headers, **accept})
         resp = conn.getresponse()
         reply = Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, b"")
         if resp.status >= 300:
             reply.body = resp.read()
-            return reply, "", 0
+            return Downloaded(reply, "", 0, False)
+        if reply.headers.get("content-type", "").startswith(SPARSE_TYPE):
+            with open(out, "wb") as f:
+                header = receive(resp, f, progress=progress)
+            return Downloaded(reply, reply.headers.get("x-rain-sha256", ""), header.size, True)
         hasher = hashlib.sha256()
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rain-pull-sha")
         buffers = [bytearray(BUFFER) for _ in range(3)]
@@ -124,7 +173,8 @@ def download_file(url: str, out: Path, headers: dict[str, str], *, timeout: floa
                     p.result()
         finally:
             pool.shutdown()
-        return reply, hasher.hexdigest(), total
+        length = int(reply.headers.get("content-length", total))
+        return Downloaded(reply, hasher.hexdigest(), total, total == length)
     finally:
         conn.close()
 

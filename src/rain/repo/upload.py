@@ -90,6 +90,12 @@ class UploadSession:
         self.writer.commit(n)
         self._check()
 
+    def zeros(self, n: int) -> None:
+        """`n` bytes known to be zero (a hole in a sparse upload): nothing to copy or store."""
+        assert self.writer is not None, "feed the header first"
+        self.writer.write_zeros(n)
+        self._check()
+
     def backpressure(self) -> Future[object] | None:
         return self.writer.backpressure() if self.writer is not None else None
 

@@ -53,7 +53,7 @@ class ImageWriter:
         self._spool = spool
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rain-sha")
         # per dispatched block, in order: (block, its hash future, its chunks' future)
-        self._inflight: deque[tuple[mmap.mmap, Future[None],
+        self._inflight: deque[tuple[mmap.mmap | None, Future[None],
                                     list[Future[list[tuple[bytes, int]]]]]] = deque()
         self.size = 0
         self.stored_bytes = 0
@@ -89,7 +89,8 @@ class ImageWriter:
                 for digest, added in f.result():
                     self.chunks.append(digest)
                     self.stored_bytes += added
-            self._free.append(block)
+            if block is not None:
+                self._free.append(block)
 
     def _dispatch(self) -> None:
         assert self._cur is not None
@@ -133,6 +134,42 @@ class ImageWriter:
             view = view[take:]
             self.commit(take)
 
+    def write_zeros(self, n: int) -> None:
+        """Accept `n` zero bytes known to be zero (a hole of a sparse upload).
+
+        Whole zero chunks never touch a buffer: the whole-image hasher reads
+        them from a static zero page and they go straight into the manifest as
+        ZERO_DIGEST. Only the part that shares a chunk with data is copied.
+        """
+        cs = self.chunk_size
+        while n > 0:
+            at = self._fill % cs
+            if at or n < cs:  # finish (or start) a chunk that holds data too
+                take = min(n, cs - at)
+                space = self.buffer()
+                _memset(ctypes.addressof(ctypes.c_char.from_buffer(space)), 0, take)
+                self.commit(take)
+                n -= take
+                continue
+            if self._cur is not None and self._fill:
+                self._dispatch()  # chunk-aligned: the zero run starts a new entry
+            k = n // cs
+            self._reap()
+            done: Future[list[tuple[bytes, int]]] = Future()
+            done.set_result([(ZERO_DIGEST, 0)] * k)
+            self._inflight.append((None, self._hasher.submit(self._hash_zeros, k * cs), [done]))
+            self.size += k * cs
+            n -= k * cs
+
+    def _hash_zeros(self, n: int) -> None:
+        step = len(_ZEROS)
+        while n > 0:
+            take = min(step, n)
+            self._whole.update(_ZEROS_VIEW[:take])
+            if self._spool is not None:
+                self._spool.seek(take, 1)  # a hole; finish() fixes the length
+            n -= take
+
     def backpressure(self) -> Future[object] | None:
         """Work to wait for before the next write would block, for async callers."""
         self._reap()
@@ -163,6 +200,8 @@ class ImageWriter:
         if self._cur is not None and self._fill:
             self._dispatch()
         self.drain()
+        if self._spool is not None:
+            self._spool.truncate(self.size)  # a trailing hole was only seeked over
         self._close()
         return ImageManifest(self.chunk_size, self.size, self._whole.hexdigest(), self.chunks)
 
@@ -184,7 +223,8 @@ class ImageWriter:
                     with contextlib.suppress(BaseException):
                         f.result()
             for block, _, _ in self._inflight:
-                self._free.append(block)
+                if block is not None:
+                    self._free.append(block)
             self._inflight.clear()
             if self._cur is not None:
                 self._free.append(self._cur)
@@ -241,7 +281,9 @@ def is_zero(data: memoryview | bytes) -> bool:
 
 
 _ZEROS = bytearray(1024 * 1024)
+_ZEROS_VIEW = memoryview(_ZEROS).toreadonly()
 _ZEROS_ADDR = ctypes.addressof(ctypes.c_char.from_buffer(_ZEROS))
+_memset = ctypes.memset
 _memcmp = ctypes.CDLL(None).memcmp
 _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 _memcmp.restype = ctypes.c_int
@@ -298,6 +340,20 @@ class ImageReader:
                 yield from self._zero_run(item)
             else:
                 yield item.result()
+
+    def iter_present(self) -> Iterator[bytes]:
+        """Every non-zero chunk in order, verified (the data part of a sparse transfer)."""
+        m = self.manifest
+        window: deque[Future[bytes]] = deque()
+        for i, digest in enumerate(m.chunks):
+            if digest == ZERO_DIGEST:
+                continue
+            window.append(_POOL.submit(self.store.get_chunk, digest, m.chunk_length(i),
+                                       image=self.image))
+            if len(window) >= self.readahead:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
     async def aiter_range(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         end = self.manifest.size if end is None else end
