@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from rain.build.config import BuildConfig
 from rain.model.errors import InvalidRequest
 from rain.repo.config import RepoConfig
 from rain.store.chunks import StoreConfig
@@ -33,6 +34,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     repo: RepoConfig = field(default_factory=RepoConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
 
     @property
     def db_url(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,9 +16,18 @@ log = logging.getLogger("rain.api")
 
 
 def error_response(status: int, code: str, message: str,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
-                        headers=headers)
+                   headers: dict[str, str] | None = None,
+                   details: dict[str, Any] | None = None) -> JSONResponse:
+    body = {**(details or {}), "code": code, "message": message}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def error_headers(exc: RainError) -> dict[str, str]:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    retry_after = exc.details.get("retry_after")
+    if retry_after is not None:
+        headers["Retry-After"] = str(int(retry_after))
+    return headers
 
 
 def install(app: FastAPI) -> None:
@@ -25,8 +35,8 @@ def install(app: FastAPI) -> None:
     async def _rain(_req: Request, exc: RainError) -> JSONResponse:
         if exc.status >= 500:
             log.error("%s: %s", exc.code, exc.message)
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return error_response(exc.status, exc.code, exc.message, headers)
+        return error_response(exc.status, exc.code, exc.message, error_headers(exc) or None,
+                              exc.details)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:

@@ -32,6 +32,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from fastapi import FastAPI
 
+from rain.api.errors import error_headers
 from rain.api.files import DRAIN_LIMIT, bearer_token, download_headers
 from rain.api.ranges import RangeNotSatisfiable, parse_range
 from rain.api.sparse import MEDIA_TYPE, SparseBodyReader, sparse_header, sparse_parts, wants_sparse
@@ -181,8 +182,8 @@ class RainHandler(BaseHTTPRequestHandler):
             else:
                 self._asgi(url.path, url.query)
         except RainError as exc:
-            self._error(exc.status, exc.code, exc.message,
-                        {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+            self._error(exc.status, exc.code, exc.message, error_headers(exc) or None,
+                        exc.details)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
         except Exception:
@@ -202,11 +203,13 @@ class RainHandler(BaseHTTPRequestHandler):
 
     # -- responses -------------------------------------------------------------
     def _error(self, status: int, code: str, message: str,
-               headers: dict[str, str] | None = None) -> None:
+               headers: dict[str, str] | None = None,
+               details: dict[str, Any] | None = None) -> None:
         if getattr(self, "_headers_sent", False):
             self.close_connection = True  # mid-body: all we can do is stop
             return
-        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        body = json.dumps({"error": {**(details or {}), "code": code,
+                                     "message": message}}).encode()
         self._start(status, {"Content-Type": "application/json",
                              "Content-Length": str(len(body)), **(headers or {})})
         if self.command != "HEAD":

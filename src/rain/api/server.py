@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import ctypes
 import signal
+import sys
 import threading
 
 from rain.api.app import create_app
+from rain.build.jobs import BuildQueue, load_runner
 from rain.config import Config
 from rain.repo import Repository
 
@@ -39,21 +41,38 @@ def tune_malloc() -> None:
     libc.mallopt(m_trim_threshold, 256 * 1024 * 1024)
 
 
+def start_builds(repo: Repository, cfg: Config) -> BuildQueue:
+    """The build queue with the configured runner (or none: builds answer 501)."""
+    runner, why_not = load_runner(repo, cfg)
+    if runner is None:
+        sys.stderr.write(f"rain: builds disabled: {why_not}\n")
+    queue = BuildQueue(repo, runner, cfg.build, unavailable=why_not)
+    repo.rebuilder = queue
+    queue.start()
+    return queue
+
+
 def run(cfg: Config, host: str, port: int, server: str = "native") -> None:
     tune_malloc()
     repo = open_repository(cfg)
+    builds = start_builds(repo, cfg)
     if server == "uvicorn":
         import uvicorn
 
-        uvicorn.run(create_app(repo), host=host, port=port, log_level="warning",
-                    loop="uvloop", http="httptools")
+        try:
+            uvicorn.run(create_app(repo, builds), host=host, port=port, log_level="warning",
+                        loop="uvloop", http="httptools")
+        finally:
+            builds.stop()
+            repo.close()
         return
     from rain.api.native import RainHTTPServer
 
-    httpd = RainHTTPServer((host, port), repo, create_app(repo))
+    httpd = RainHTTPServer((host, port), repo, create_app(repo, builds))
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=httpd.shutdown).start())
     try:
         httpd.serve_forever(poll_interval=0.5)
     finally:
+        builds.stop()
         httpd.server_close()
         repo.close()

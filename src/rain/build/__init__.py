@@ -1,4 +1,5 @@
-"""Build images from templates: templates and their digests (builders come later)."""
+"""Build images from templates: templates and their digests, build requests, the job queue
+(`rain.build.jobs`) and, behind `BuildRunner`, the builders."""
 
 from rain.build.template import (
     TEMPLATE_KEYS,

@@ -1,7 +1,9 @@
-"""The metadata catalog: images, users, groups, tokens, usage; search and matchmaking."""
+"""The metadata catalog: images, users, groups, tokens, usage, build jobs; search and
+matchmaking."""
 
 from __future__ import annotations
 
+from rain.catalog.builds import BuildCatalog
 from rain.catalog.db import Database, utcnow
 from rain.catalog.images import ImageCatalog, Variant
 from rain.catalog.match import Match, MatchCatalog, Preference, Requirements
@@ -11,7 +13,7 @@ from rain.catalog.users import UserCatalog
 from rain.catalog.versions import VersionConstraint, compare_versions
 
 
-class Catalog(UserCatalog, ImageCatalog, MatchCatalog, UsageCatalog):
+class Catalog(UserCatalog, ImageCatalog, MatchCatalog, UsageCatalog, BuildCatalog):
     """One object over the database, assembled from one mixin per concern."""
 
     def __init__(self, url: str) -> None:

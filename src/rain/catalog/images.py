@@ -38,7 +38,7 @@ ROW_FIELDS = {
     "name", "version", "description", "visibility", "status", "os_distro", "os_release", "arch",
     "disk_format", "virtual_size", "size", "stored_bytes", "sha256", "manifest_id",
     "template_digest", "parent_id", "is_base", "protected", "last_access", "access_count",
-    "created",
+    "created", "template_text", "template_parents", "build_id", "build_timings",
 }
 
 
@@ -66,7 +66,10 @@ def image_model(row: ImageRow) -> Image:
         sha256=row.sha256, tags=sorted(t.tag for t in row.tags),
         properties={p.key: p.value for p in row.properties},
         packages={p.name: p.version for p in row.packages}, members=members,
-        template_digest=row.template_digest, parent=row.parent_id, base=row.is_base,
+        template_digest=row.template_digest, template=row.template_text,
+        template_parents=list(row.template_parents or []), build_id=row.build_id,
+        build_timings={str(k): float(v) for k, v in (row.build_timings or {}).items()},
+        parent=row.parent_id, base=row.is_base,
         protected=row.protected, created=as_utc(row.created), updated=as_utc(row.updated),
         last_access=as_utc(row.last_access), access_count=row.access_count,
     )
@@ -196,8 +199,9 @@ class ImageCatalog:
             s.execute(delete(VariantRow).where(VariantRow.image_id == image_id))
 
     def live_manifest_ids(self) -> set[str]:
-        """Manifests that must survive gc: every image not deleted/killed, and their variants."""
-        dead = [str(ImageStatus.DELETED), str(ImageStatus.KILLED)]
+        """Manifests that must survive gc: every image not deleted/killed/purged, and their
+        variants. (Purging also clears the image's manifest id; both guards are kept.)"""
+        dead = [str(ImageStatus.DELETED), str(ImageStatus.KILLED), str(ImageStatus.PURGED)]
         with self.db.session() as s:
             ids = set(s.scalars(select(ImageRow.manifest_id).where(
                 ImageRow.manifest_id.is_not(None), ImageRow.status.not_in(dead))))

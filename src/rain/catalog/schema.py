@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -82,6 +85,10 @@ class ImageRow(Base):
     sha256: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     manifest_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     template_digest: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    template_text: Mapped[str | None] = mapped_column(Text, nullable=True)
+    template_parents: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    build_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    build_timings: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     parent_id: Mapped[str | None] = mapped_column(
         ForeignKey("images.id", ondelete="SET NULL"), nullable=True
     )
@@ -170,3 +177,36 @@ class UsageRow(Base):
     action: Mapped[str] = mapped_column(String(32))
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class BuildRow(Base):
+    """A build job. The log is deferred: lists and polls read slices of it in SQL."""
+
+    __tablename__ = "builds"
+    __table_args__ = (Index("ix_builds_status_created", "status", "created"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    template_digest: Mapped[str] = mapped_column(String(64), index=True)
+    template_text: Mapped[str] = mapped_column(Text)
+    template_parents: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    status: Mapped[str] = mapped_column(String(16))
+    phase: Mapped[str] = mapped_column(String(32), default="")
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    log: Mapped[str] = mapped_column(Text, default="", deferred=True)
+    log_size: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    image_id: Mapped[str | None] = mapped_column(
+        ForeignKey("images.id", ondelete="SET NULL"), nullable=True, index=True)
+    rebuild_of: Mapped[str | None] = mapped_column(
+        ForeignKey("images.id", ondelete="SET NULL"), nullable=True, index=True)
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    cached: Mapped[bool] = mapped_column(Boolean, default=False)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Which server process runs it ("host:pid") and when that process last said so:
+    # how a restarted or surviving server tells a dead build from a live one.
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    heartbeat: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    owner: Mapped[UserRow] = relationship(lazy="joined")

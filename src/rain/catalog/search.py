@@ -33,9 +33,10 @@ SORT_FIELDS = {
     "last_access": ImageRow.last_access, "access_count": ImageRow.access_count,
     "stored_bytes": ImageRow.stored_bytes, "version": ImageRow.version,
 }
-DEFAULT_STATUSES = (ImageStatus.ACTIVE, ImageStatus.DEACTIVATED)
+# A purged image keeps its metadata in view: pulling it rebuilds it.
+DEFAULT_STATUSES = (ImageStatus.ACTIVE, ImageStatus.DEACTIVATED, ImageStatus.PURGED)
 OWNER_STATUSES = (ImageStatus.QUEUED, ImageStatus.SAVING, ImageStatus.ACTIVE,
-                  ImageStatus.DEACTIVATED)
+                  ImageStatus.DEACTIVATED, ImageStatus.PURGED)
 
 
 @dataclass
@@ -178,6 +179,13 @@ class SearchCatalog:
         images = [i for i in images
                   if all(c.satisfied_by(i.packages.get(c.name)) for c in constraints)]
         return images[q.offset : q.offset + q.limit], len(images)
+
+    def image_with_template(self, digest: str, viewer: User | None,
+                            status: ImageStatus = ImageStatus.ACTIVE) -> Image | None:
+        """The newest image with this template digest and status that the viewer may see."""
+        images, _ = self.search(ImageQuery(template_digest=digest, status=[str(status)],
+                                           limit=1), viewer)
+        return images[0] if images else None
 
     def resolve(self, ref: str, viewer: User | None, *, statuses: tuple[str, ...] = ()) -> Image:
         """An id or `name[:version]`, newest first; 404 for what the viewer may not see."""

@@ -108,9 +108,12 @@ class UserCatalog:
             return user_model(row)
 
     def usage_totals(self, user_id: int) -> tuple[int, int]:
-        """(stored bytes, image count) counted against the user's quota."""
+        """(stored bytes, image count) counted against the user's quota.
+
+        A purged image still counts as an image (it can come back) but no longer
+        holds bytes (its stored_bytes is 0)."""
         live = [ImageStatus.QUEUED, ImageStatus.SAVING, ImageStatus.ACTIVE,
-                ImageStatus.DEACTIVATED]
+                ImageStatus.DEACTIVATED, ImageStatus.PURGED]
         with self.db.session() as s:
             stored, count = s.execute(
                 select(func.coalesce(func.sum(ImageRow.stored_bytes), 0), func.count())

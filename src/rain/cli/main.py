@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from rain.cli import builds
+from rain.cli.options import DataDir, Db, Json, Token, Url, client
 from rain.cli.output import (
     err,
     human,
@@ -19,25 +21,17 @@ from rain.cli.output import (
     transfer_progress,
 )
 from rain.client import Client
-from rain.model.errors import RainError
+from rain.model.errors import ImageRebuilding, RainError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="rain: build, store, share and deploy virtual machine images.")
 admin_app = typer.Typer(no_args_is_help=True, help="Repository administration (direct access).")
 app.add_typer(admin_app, name="admin")
 
-Url = Annotated[str | None, typer.Option("--url", envvar="RAIN_URL",
-                                         help="Server URL [default: http://127.0.0.1:8480]")]
-Token = Annotated[str | None, typer.Option("--token", envvar="RAIN_TOKEN", help="API token")]
-Json = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
-DataDir = Annotated[Path | None, typer.Option("--data-dir", envvar="RAIN_DATA_DIR",
-                                              help="Data directory [default: ./var]")]
-Db = Annotated[str | None, typer.Option("--db", envvar="RAIN_DB",
-                                        help="Catalog database URL [default: SQLite in data dir]")]
 
 
 def _client(url: str | None, token: str | None) -> Client:
-    return Client(url, token)
+    return client(url, token)
 
 
 def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
@@ -162,6 +156,8 @@ def pull(image: str, output: Annotated[Path | None, typer.Option("-o", "--output
     """Download an image (converted on the server if --format differs); verifies SHA-256."""
     c = _client(url, token)
     info = c.show(image)
+    if info["status"] == "purged":
+        _rebuild_before_pull(c, info)
     fmt = format or info.get("disk_format") or "img"
     dest = output or Path(f"{info['name']}{'-' + info['version'] if info.get('version') else ''}"
                           f".{fmt}")
@@ -171,6 +167,19 @@ def pull(image: str, output: Annotated[Path | None, typer.Option("-o", "--output
         print_json(result)
     else:
         err.print(f"{dest}: {human(result['size'])}, sha256 {result['sha256']} verified")
+
+
+def _rebuild_before_pull(c: Client, info: dict[str, Any]) -> None:
+    """A purged image: asking for its data starts (or joins) its rebuild; wait for it."""
+    try:
+        c.get_range(info["id"], 0, 1)
+        return  # rebuilt meanwhile
+    except ImageRebuilding as exc:
+        build_id = exc.build_id or c.rebuild_build_id(info["id"])
+    if build_id:
+        err.print(f"{info['id']} was purged; build {build_id} is rebuilding it first")
+        builds.wait_for_build(c, c.build_status(build_id), follow=False,
+                              label=f"rebuild {info['name']}")
 
 
 @app.command()
@@ -332,6 +341,14 @@ def whoami(url: Url = None, token: Token = None, json: Json = False) -> None:
     """Show the user the token belongs to."""
     me = _client(url, token).whoami()
     print_json(me) if json else out.print(f"{me['name']}{' (admin)' if me['admin'] else ''}")
+
+
+app.command()(builds.build)
+app.command("builds")(builds.builds)
+app.command("cancel-build")(builds.cancel)
+app.command()(builds.rebuild)
+app.command()(builds.purge)
+app.command()(builds.pedigree)
 
 
 def main() -> None:

@@ -16,15 +16,16 @@ from typing import Any
 
 import httpx
 
+from rain.client.builds import BuildCalls, BuildUpdate
 from rain.client.transfer import download_file, upload_file
-from rain.model.errors import ERRORS_BY_CODE, InvalidImage, RainError
+from rain.model.errors import ERRORS_BY_CODE, ImageRebuilding, InvalidImage, RainError
 
 DEFAULT_URL = "http://127.0.0.1:8480"
 BLOCK = 1024 * 1024
 Progress = Callable[[int], None]
 
 
-class Client:
+class Client(BuildCalls):
     def __init__(self, url: str | None = None, token: str | None = None, *,
                  timeout: float = 300.0, sparse: bool = True) -> None:
         self.url = (url or os.environ.get("RAIN_URL") or DEFAULT_URL).rstrip("/")
@@ -82,8 +83,33 @@ class Client:
         return self.upload(image["id"], path, disk_format=disk_format, progress=progress)
 
     def pull(self, ref: str, out: str | Path, *, format: str | None = None,
-             progress: Progress | None = None) -> dict[str, Any]:
-        """Download to `out` (via a temp file, renamed once the SHA-256 is verified)."""
+             progress: Progress | None = None, wait_for_rebuild: bool = True,
+             on_rebuild: BuildUpdate | None = None) -> dict[str, Any]:
+        """Download to `out` (via a temp file, renamed once the SHA-256 is verified).
+
+        A purged image is rebuilt by the server first: the pull follows that
+        build (`on_rebuild` sees its progress) and then downloads the new
+        content — unless `wait_for_rebuild` is False, when ImageRebuilding is raised.
+        """
+        for _attempt in range(3):
+            try:
+                return self._pull_once(ref, out, format=format, progress=progress)
+            except ImageRebuilding as exc:
+                if not wait_for_rebuild:
+                    raise
+                build_id = exc.build_id or self.rebuild_build_id(ref)
+                if build_id is None:  # finished between the two calls: try again
+                    continue
+                build = self.follow_build(build_id, on_rebuild,
+                                          interval=min(exc.retry_after or 2, 2))
+                if build["status"] != "succeeded":
+                    raise RainError(f"{ref} was purged and its rebuild (build {build_id}) "
+                                    f"{build['status']}: {build.get('error') or 'no reason'}"
+                                    ) from None
+        return self._pull_once(ref, out, format=format, progress=progress)
+
+    def _pull_once(self, ref: str, out: str | Path, *, format: str | None = None,
+                   progress: Progress | None = None) -> dict[str, Any]:
         out = Path(out)
         tmp = out.with_name(f".{out.name}.part")
         query = f"?format={format}" if format else ""
@@ -176,12 +202,15 @@ def _raise_for(resp: httpx.Response) -> None:
 def _raise_for_reply(status: int, body: bytes) -> None:
     if status < 400:
         return
+    details: dict[str, Any] = {}
     try:
         err = json.loads(body)["error"]
         code, message = str(err["code"]), str(err["message"])
-    except (ValueError, KeyError, TypeError):
+        details = {k: v for k, v in err.items() if k not in ("code", "message")}
+    except (ValueError, KeyError, TypeError, AttributeError):
         code, message = "error", f"HTTP {status}: {body[:200].decode(errors='replace')}"
     cls = ERRORS_BY_CODE.get(code, RainError)
     exc = cls(message)
+    exc.details = details
     exc.status = status
     raise exc

@@ -1,8 +1,10 @@
 """Plain data shared by every room of rain: no behaviour, no rain imports."""
 
+from rain.model.build import ACTIVE_BUILD_STATUSES, Build, BuildStatus
 from rain.model.errors import (
     Conflict,
     Forbidden,
+    ImageRebuilding,
     InvalidImage,
     InvalidRequest,
     NotFound,
@@ -11,6 +13,8 @@ from rain.model.errors import (
     StoreCorruption,
     ToolFailed,
     Unauthorized,
+    Unavailable,
+    Unsupported,
 )
 from rain.model.image import (
     DiskFormat,
@@ -23,10 +27,14 @@ from rain.model.image import (
 )
 
 __all__ = [
+    "ACTIVE_BUILD_STATUSES",
+    "Build",
+    "BuildStatus",
     "Conflict",
     "DiskFormat",
     "Forbidden",
     "Image",
+    "ImageRebuilding",
     "ImageStatus",
     "InvalidImage",
     "InvalidRequest",
@@ -37,6 +45,8 @@ __all__ = [
     "StoreCorruption",
     "ToolFailed",
     "Unauthorized",
+    "Unavailable",
+    "Unsupported",
     "UsageRecord",
     "User",
     "Visibility",

@@ -8,6 +8,8 @@ without parsing messages.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class RainError(Exception):
     """Base of every error rain raises on purpose."""
@@ -15,9 +17,11 @@ class RainError(Exception):
     code = "error"
     status = 500
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # Extra machine-readable fields, sent beside code and message in the JSON error.
+        self.details: dict[str, Any] = dict(details or {})
 
     def __str__(self) -> str:
         return self.message
@@ -60,6 +64,44 @@ class InvalidImage(RainError):
     status = 422
 
 
+class Unsupported(RainError):
+    """This server cannot do it at all (e.g. it has no image builder installed)."""
+
+    code = "not_implemented"
+    status = 501
+
+
+class Unavailable(RainError):
+    """Not now: try again later (`retry_after` seconds, when known)."""
+
+    code = "unavailable"
+    status = 503
+
+    @property
+    def retry_after(self) -> int | None:
+        value = self.details.get("retry_after")
+        return int(value) if value is not None else None
+
+
+class ImageRebuilding(Unavailable):
+    """The image was purged and is being rebuilt by build `build_id`; pull it again later."""
+
+    code = "image_rebuilding"
+
+    def __init__(self, message: str, *, build_id: str = "", retry_after: int | None = None,
+                 details: dict[str, Any] | None = None) -> None:
+        merged = dict(details or {})
+        if build_id:
+            merged["build_id"] = build_id
+        if retry_after is not None:
+            merged["retry_after"] = retry_after
+        super().__init__(message, details=merged)
+
+    @property
+    def build_id(self) -> str:
+        return str(self.details.get("build_id") or "")
+
+
 class StoreCorruption(RainError):
     """Data read back from the store does not match its digest."""
 
@@ -90,6 +132,9 @@ ERRORS_BY_CODE: dict[str, type[RainError]] = {
         Conflict,
         QuotaExceeded,
         InvalidImage,
+        Unsupported,
+        Unavailable,
+        ImageRebuilding,
         StoreCorruption,
         ToolFailed,
     )

@@ -21,6 +21,8 @@ class ImageStatus(StrEnum):
     KILLED = "killed"
     DEACTIVATED = "deactivated"
     DELETED = "deleted"
+    # Content dropped, metadata and template kept: pulling it rebuilds it first.
+    PURGED = "purged"
 
 
 class DiskFormat(StrEnum):
@@ -73,6 +75,13 @@ class Image:
     packages: dict[str, str] = field(default_factory=dict)
     members: list[Member] = field(default_factory=list)
     template_digest: str | None = None
+    # For built images: the template text, the texts of the templates it
+    # extends (nearest first), the build that made the current content and
+    # the seconds that build spent in each phase.
+    template: str | None = None
+    template_parents: list[str] = field(default_factory=list)
+    build_id: str | None = None
+    build_timings: dict[str, float] = field(default_factory=dict)
     parent: str | None = None
     base: bool = False
     protected: bool = False
@@ -106,6 +115,10 @@ class Image:
                 {"user": m.user} if m.user else {"group": m.group} for m in self.members
             ],
             "template_digest": self.template_digest,
+            "template": self.template,
+            "template_parents": list(self.template_parents),
+            "build_id": self.build_id,
+            "build_timings": dict(self.build_timings),
             "parent": self.parent,
             "base": self.base,
             "protected": self.protected,

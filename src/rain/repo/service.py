@@ -38,6 +38,7 @@ from rain.repo.access import (
 )
 from rain.repo.config import RepoConfig
 from rain.repo.convert import variant_for
+from rain.repo.rebuild import PurgeAndRebuild, Rebuilder, feed_file
 from rain.repo.upload import UploadLimits, UploadResult, UploadSession, stream_into_store
 from rain.store import ChunkStore, FilesystemBackend, GcReport, ImageManifest, StoreConfig, collect
 
@@ -58,13 +59,15 @@ class Download:
     size: int
 
 
-class Repository:
+class Repository(PurgeAndRebuild):
     def __init__(self, catalog: Catalog, store: ChunkStore, config: RepoConfig,
                  work_dir: Path) -> None:
         self.catalog = catalog
         self.store = store
         self.config = config
         self.work_dir = work_dir
+        # Set by the server when it runs a build queue: rebuilds purged images on pull.
+        self.rebuilder: Rebuilder | None = None
 
     @classmethod
     def open(cls, data_dir: Path, db_url: str, store_config: StoreConfig | None = None,
@@ -182,14 +185,16 @@ class Repository:
                 image.id, [ImageStatus.QUEUED], ImageStatus.SAVING):
             raise Conflict(f"image {image.id} is {image.status}, not queued: images are "
                            "write-once, push a new image instead")
+        return image, self._upload_session(image, declared or image.disk_format)
+
+    def _upload_session(self, image: Image, declared: DiskFormat | None) -> UploadSession:
         owner = self.catalog.get_user(image.owner)
         used, _ = self.catalog.usage_totals(owner.id)
         quota_left = None if owner.quota_bytes is None else max(owner.quota_bytes - used, 0)
         limits = UploadLimits(self.config.max_virtual_size, quota_left, owner.name,
                               self.tool_limits)
-        session = UploadSession(self.store, declared=declared or image.disk_format,
-                                limits=limits, spool_dir=self.work_dir)
-        return image, session
+        return UploadSession(self.store, declared=declared, limits=limits,
+                             spool_dir=self.work_dir)
 
     def end_upload(self, image: Image, result: UploadResult | None) -> Image:
         """saving → active with the stored data, or → killed when `result` is None."""
@@ -215,11 +220,24 @@ class Repository:
             raise
         return self.end_upload(image, result)
 
+    def upload_file(self, viewer: User | None, ref: str, path: Path,
+                    declared: DiskFormat | None = None) -> Image:
+        """Upload a local file into a queued image, synchronously (builders use this)."""
+        image, session = self.begin_upload(viewer, ref, declared)
+        try:
+            result = feed_file(session, path)
+        except BaseException:
+            self.end_upload(image, None)
+            raise
+        return self.end_upload(image, result)
+
     # -- downloading ---------------------------------------------------------
     def open_download(self, viewer: User | None, ref: str,
                       fmt: DiskFormat | None = None) -> Download:
         self._require_read(viewer)
         image = self.catalog.resolve(ref, viewer)
+        if image.status == ImageStatus.PURGED:
+            raise self.rebuilding(image)  # 503 with the rebuild's build id
         if image.status not in (ImageStatus.ACTIVE, ImageStatus.DEACTIVATED):
             raise Conflict(f"image {image.id} is {image.status} and has no data to pull")
         require_readable_data(viewer, image)

@@ -1,0 +1,23 @@
+"""Build settings (`[build]` in rain.toml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class BuildConfig:
+    # Builds running at once in one server process; more wait in the queue.
+    # (The FutureGrid paper saw builds slow down beyond two per node.)
+    max_concurrent: int = 2
+    # "module:function" that makes the build runner: function(repo, config) -> BuildRunner.
+    # If the default module is not installed the server runs without builds (501).
+    runner: str = "rain.build.builder:make_runner"
+    # Seconds a client pulling a purged image is told to wait before retrying.
+    retry_after: int = 10
+    # A running build whose server has not reported for this long is marked failed.
+    stale_after_seconds: float = 300.0
+    # Log kept per build, in characters; the rest is dropped (with a note).
+    max_log_chars: int = 4 * 1024 * 1024
+    # How often a server looks for builds queued by another server sharing the catalog.
+    poll_seconds: float = 2.0

@@ -1,0 +1,214 @@
+"""Purge, rebuild and pedigree: the repository side of images built from templates.
+
+A built image keeps its template, so its content can be dropped (*purged*)
+and made again on demand. Purging clears the image's manifest: its chunks go
+at the next `gc` unless another image still references them (dedup). The
+record — metadata, template, packages, usage — stays, with status `purged`.
+
+The repository cannot build (that is `rain.build`, a room above it), so it
+asks a `Rebuilder` — the build queue, plugged in by the server — to rebuild
+a purged image when someone pulls it, and the builder hands the new content
+back through `restore_file`, which keeps the image id.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from rain.catalog import Catalog, ImageQuery
+from rain.model import (
+    Build,
+    Conflict,
+    DiskFormat,
+    Forbidden,
+    Image,
+    ImageRebuilding,
+    ImageStatus,
+    InvalidRequest,
+    NotFound,
+    RainError,
+    Unsupported,
+    User,
+)
+from rain.repo.access import can_modify, require_modify, require_user
+
+if TYPE_CHECKING:
+    from rain.repo.upload import UploadResult, UploadSession
+
+PREVIOUS_SHA256 = "rain.previous_sha256"
+
+
+class Rebuilder(Protocol):
+    """Starts (or joins) the rebuild of a purged image; returns the build id."""
+
+    retry_after: int
+
+    def rebuild_purged(self, image: Image) -> str: ...
+
+
+class PurgeAndRebuild:
+    """Mixed into `Repository` (which provides what is declared here)."""
+
+    catalog: Catalog
+    rebuilder: Rebuilder | None
+
+    if TYPE_CHECKING:
+        def _require_read(self, viewer: User | None) -> None: ...
+        def _upload_session(self, image: Image,
+                            declared: DiskFormat | None) -> UploadSession: ...
+
+    # -- purge ---------------------------------------------------------------
+    def purge(self, viewer: User | None, ref: str) -> Image:
+        """Drop the content, keep the record and the template (owner or admin)."""
+        image = self.catalog.resolve(ref, require_user(viewer))
+        require_modify(viewer, image, "purge")
+        if image.status == ImageStatus.PURGED:
+            return image
+        if image.protected:
+            raise Forbidden(f"image {image.id} is protected; unprotect it before purging")
+        if not image.template:
+            raise Conflict(f"image {image.id} has no template (it was pushed, not built), so "
+                           "it could not be rebuilt after a purge; delete it instead if you no "
+                           "longer need it")
+        if image.status != ImageStatus.ACTIVE or not self.catalog.transition(
+                image.id, [ImageStatus.ACTIVE], ImageStatus.PURGED, manifest_id=None,
+                stored_bytes=0):
+            raise Conflict(f"image {image.id} is {image.status}; only active images can be "
+                           "purged")
+        self.catalog.drop_variants(image.id)
+        return self.catalog.get_image(image.id)
+
+    def purge_candidates(self, viewer: User | None, unused_for: timedelta) -> list[Image]:
+        """Active built images not pulled (or, never pulled, created) for `unused_for`:
+        the caller's own, or everyone's for an admin. Protected images are left out."""
+        me = require_user(viewer)
+        found: list[Image] = []
+        offset = 0
+        while True:
+            page, total = self.catalog.search(ImageQuery(
+                status=[str(ImageStatus.ACTIVE)], unused_for=unused_for,
+                owner=None if me.is_admin else me.name, sort="last_access", descending=False,
+                limit=1000, offset=offset), me)
+            found += [i for i in page if i.template and not i.protected and can_modify(me, i)]
+            offset += len(page)
+            if not page or offset >= total:
+                return found
+
+    def purge_unused(self, viewer: User | None, unused_for: timedelta, *,
+                     dry_run: bool = False) -> list[Image]:
+        """Purge every candidate (see `purge_candidates`); returns what was (or would be)
+        purged. An image that changes meanwhile (pulled, protected, deleted) is skipped."""
+        candidates = self.purge_candidates(viewer, unused_for)
+        if dry_run:
+            return candidates
+        purged = []
+        for image in candidates:
+            try:
+                purged.append(self.purge(viewer, image.id))
+            except (Conflict, Forbidden, NotFound):
+                continue
+        return purged
+
+    # -- pedigree ------------------------------------------------------------
+    def pedigree(self, viewer: User | None, ref: str) -> tuple[list[Image], str | None]:
+        """The image, its parent, the parent's parent … as far as the viewer may see.
+
+        Returns the visible chain and, if it stops at an image the viewer may not
+        see, that image's id (which the last visible image shows as its `parent`
+        anyway, so naming it reveals nothing more). A cycle ends the chain.
+        """
+        self._require_read(viewer)
+        image = self.catalog.resolve(ref, viewer)
+        chain, seen = [image], {image.id}
+        following = image.parent
+        while following and following not in seen:
+            try:
+                parent = self.catalog.resolve(following, viewer)
+            except NotFound:
+                return chain, following
+            chain.append(parent)
+            seen.add(parent.id)
+            following = parent.parent
+        return chain, None
+
+    # -- rebuild ---------------------------------------------------------------
+    def purged_for_rebuild(self, viewer: User | None, ref: str) -> Image:
+        """The purged image `ref`, if the viewer may have it rebuilt (owner or admin)."""
+        image = self.catalog.resolve(ref, require_user(viewer))
+        require_modify(viewer, image, "rebuild")
+        if image.status != ImageStatus.PURGED:
+            raise Conflict(f"image {image.id} is {image.status}, not purged: only purged images "
+                           "are rebuilt (images are immutable; build a changed template for a "
+                           "new image)")
+        return image
+
+    def rebuilding(self, image: Image) -> RainError:
+        """The error a pull of a purged image answers with, having started its rebuild."""
+        if self.rebuilder is None:
+            return Unsupported(f"image {image.id} was purged and this server cannot rebuild "
+                               "it (no build queue)")
+        build_id = self.rebuilder.rebuild_purged(image)
+        return ImageRebuilding(f"image {image.id} was purged and is being rebuilt by build "
+                               f"{build_id}; pull it again once that build has finished",
+                               build_id=build_id, retry_after=self.rebuilder.retry_after)
+
+    def restore_file(self, viewer: User | None, ref: str, path: Path,
+                     declared: DiskFormat | None = None) -> Image:
+        """New content for a purged image (a rebuild): same id and record, purged → active.
+
+        The content differs byte for byte from what was purged (timestamps, …);
+        the sha256 it had before is appended to the `rain.previous_sha256`
+        property (space-separated, oldest first). Quotas apply as for uploads.
+        """
+        image = self.purged_for_rebuild(viewer, ref)
+        session = self._upload_session(image, declared or image.disk_format)
+        result = feed_file(session, path)
+        ok = self.catalog.transition(
+            image.id, [ImageStatus.PURGED], ImageStatus.ACTIVE, sha256=result.manifest.sha256,
+            size=result.manifest.size, virtual_size=result.virtual_size,
+            disk_format=str(result.disk_format), stored_bytes=result.stored_bytes,
+            manifest_id=result.manifest_id)
+        if not ok:  # its chunks are left to gc
+            raise Conflict(f"image {image.id} changed state while it was being rebuilt")
+        if image.sha256:
+            history = " ".join(x for x in (image.properties.get(PREVIOUS_SHA256), image.sha256)
+                               if x)
+            self.catalog.edit_properties(image.id, {PREVIOUS_SHA256: history})
+        return self.catalog.get_image(image.id)
+
+    def record_build(self, image_id: str, build: Build) -> Image:
+        """Server side, once a build produced `image_id`: keep its template and timings.
+
+        Refuses an image whose template digest is already a different one.
+        """
+        image = self.catalog.get_image(image_id)
+        if image.template_digest not in (None, build.template_digest):
+            raise Conflict(f"image {image_id} has template digest {image.template_digest}, "
+                           f"not {build.template_digest}")
+        return self.catalog.update_image(
+            image_id, template_digest=build.template_digest, template_text=build.template,
+            template_parents=list(build.template_parents) or None, build_id=build.id,
+            build_timings=dict(build.timings))
+
+
+def feed_file(session: UploadSession, path: Path) -> UploadResult:
+    """Read a local file into an upload session (the builders' path into the store)."""
+    try:
+        with open(path, "rb") as f:
+            while session.wants_header:
+                piece = f.read(session.header_missing)
+                if not piece:
+                    break
+                session.feed(piece)
+            if not session.wants_header:
+                while n := f.readinto(session.buffer()):
+                    session.commit(n)
+        return session.finish()
+    except OSError as exc:
+        session.abort()
+        raise InvalidRequest(f"cannot read {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        session.abort()
+        raise
