@@ -92,7 +92,7 @@ def ingest_cdc(store: ChunkStore, path: Path, avg: int, pool: ThreadPoolExecutor
 
     Mirrors ImageWriter: whole-image SHA-256 in one ordered thread, chunk digests and
     writes in a pool, all-zero chunks not stored, bounded in-flight work, one
-    filesystem sync at the end.
+    commit (pack fdatasync + index transaction) at the end.
     """
     from fastcdc import fastcdc
 
@@ -122,7 +122,7 @@ def ingest_cdc(store: ChunkStore, path: Path, avg: int, pool: ThreadPoolExecutor
     for h in hashing:
         h.result()
     hasher.shutdown()
-    store.backend.sync()
+    store.flush()  # commit the shared pack: durable and indexed
     return added
 
 

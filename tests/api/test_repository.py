@@ -12,6 +12,7 @@ import json
 import os
 import random
 import socket
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -327,17 +328,24 @@ def test_corrupt_store_data_is_an_error_not_bad_bytes(server: Server, users: dic
     alice = client(server, users, "alice")
     img = make_raw(tmp_path / "c.raw", size=2 * MiB, seed=13, data_fraction=1.0)
     image = alice.push(img, name="to-corrupt")
-    chunks = sorted((server.data_dir / "store" / "chunks").rglob("*"),
-                    key=lambda p: p.stat().st_mtime)
-    victim = [p for p in chunks if p.is_file()][-1]
-    raw = bytearray(victim.read_bytes())
-    raw[-1] ^= 0xFF
-    victim.write_bytes(bytes(raw))
+    # Flip the last byte of the image's last chunk, inside its pack file.
+    store = server.data_dir / "store"
+    with sqlite3.connect(store / "index.sqlite") as db:
+        digest, pack, offset, stored = db.execute(
+            "SELECT digest, pack, offset, stored FROM chunks ORDER BY touched DESC, offset DESC "
+            "LIMIT 1").fetchone()
+    victim = store / "packs" / pack[:2] / f"{pack}.pack"
+    with open(victim, "r+b") as f:
+        f.seek(offset + stored - 1)
+        byte = f.read(1)[0]
+        f.seek(offset + stored - 1)
+        f.write(bytes([byte ^ 0xFF]))
     out = tmp_path / "c.out"
     r = run_cli("pull", image["id"], "-o", str(out), env=server.env(users["alice"]), check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
-    assert "corrupt" in server.log.read_text()
+    assert f"chunk {digest.hex()} of image {image['id']} is corrupt" in server.log.read_text()
 
 
 def test_gc_reclaims_deleted_and_keeps_live(server: Server, users: dict[str, str],

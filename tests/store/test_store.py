@@ -20,7 +20,7 @@ from rain.store import (
     StoreConfig,
     collect,
 )
-from rain.store.chunks import chunk_key
+from rain.store.packs import pack_key
 
 CS = 64 * 1024
 
@@ -36,6 +36,22 @@ def push(store: ChunkStore, data: bytes, block: int = 10_000) -> tuple[str, int]
         w.wait()
     m = w.finish()
     return store.put_manifest(m), w.stored_bytes
+
+
+def age(store: ChunkStore, seconds: float = 7200) -> None:
+    """Make everything in the store look `seconds` old to gc: rows, packs, manifests."""
+    old = time.time() - seconds
+    with store.index.write_lock() as db:
+        db.execute("UPDATE chunks SET touched = ?", (old,))
+    root = tmp_root(store)
+    for sub in ("packs", "manifests", "chunks"):
+        for path in (root / sub).rglob("*"):
+            os.utime(path, (old, old))
+
+
+def tmp_root(store: ChunkStore) -> Path:
+    assert isinstance(store.backend, FilesystemBackend)
+    return store.backend.root
 
 
 def image_bytes(seed: int, size: int) -> bytes:
@@ -87,10 +103,13 @@ def test_corrupt_chunk_is_an_error_naming_image_and_chunk(tmp_path: Path) -> Non
     mid, _ = push(store, data)
     m = store.get_manifest(mid)
     victim = m.chunks[0]
-    path = tmp_path / "store" / chunk_key(victim)
-    raw = bytearray(path.read_bytes())
-    raw[100] ^= 0xFF
-    path.write_bytes(bytes(raw))
+    loc = store.index.lookup(victim)
+    assert loc is not None
+    with open(tmp_path / "store" / pack_key(loc.pack), "r+b") as f:
+        f.seek(loc.offset + 100)
+        byte = f.read(1)[0]
+        f.seek(loc.offset + 100)
+        f.write(bytes([byte ^ 0xFF]))
     with pytest.raises(StoreCorruption, match=f"chunk {victim.hex()} of image img-1 is corrupt"):
         b"".join(ImageReader(store, m, image="img-1").iter_range())
 
@@ -99,8 +118,10 @@ def test_missing_chunk_and_corrupt_manifest(tmp_path: Path) -> None:
     store = make_store(tmp_path)
     mid, _ = push(store, image_bytes(4, 4 * CS))
     m = store.get_manifest(mid)
-    (tmp_path / "store" / chunk_key(m.chunks[0])).unlink()
-    with pytest.raises(StoreCorruption, match="missing"):
+    loc = store.index.lookup(m.chunks[0])
+    assert loc is not None
+    (tmp_path / "store" / pack_key(loc.pack)).unlink()
+    with pytest.raises(StoreCorruption, match=f"chunk {m.chunks[0].hex()} of image x is missing"):
         b"".join(ImageReader(store, m, image="x").iter_range())
     mpath = next((tmp_path / "store" / "manifests").rglob(mid))
     mpath.write_bytes(mpath.read_bytes()[:-5])
@@ -123,43 +144,48 @@ def test_gc_removes_unreferenced_only_after_grace(tmp_path: Path) -> None:
     store = make_store(tmp_path)
     keep, _ = push(store, image_bytes(5, 8 * CS))
     drop, _ = push(store, image_bytes(6, 8 * CS))
-    # An upload cut off half way: chunks written, no manifest.
+    # An upload cut off half way and never finished nor aborted: pack written, no rows.
     w = ImageWriter(store)
     w.write(os.urandom(3 * CS))
     w.drain()
-    w.abort()
     before = sum(1 for _ in store.list_chunks())
+    packs = sorted((tmp_path / "store" / "packs").rglob("*.pack"))
+    assert len(packs) == 3
     report = collect(store, {keep}, grace_seconds=3600)
     assert report.chunks_deleted == 0 and report.manifests_deleted == 0
+    assert report.packs_deleted == 0
     assert sum(1 for _ in store.list_chunks()) == before
-    old = time.time() - 7200
-    for _, info in list(store.list_chunks()) + list(store.list_manifests()):
-        os.utime(tmp_path / "store" / info.key, (old, old))
+    assert sorted((tmp_path / "store" / "packs").rglob("*.pack")) == packs
+    age(store)
     report = collect(store, {keep}, grace_seconds=3600)
     assert report.manifests_deleted == 1
-    assert report.chunks_deleted == 3 + 3  # drop's own 3 data chunks + the aborted upload's 3
+    assert report.chunks_deleted == 3  # drop's own 3 data chunks (rows)
+    assert report.packs_deleted == 2  # drop's pack, now empty, and the unfinished upload's
+    assert report.bytes_freed == 3 * CS + 3 * CS  # the two packs' sizes
+    assert len(list((tmp_path / "store" / "packs").rglob("*.pack"))) == 1
     m = store.get_manifest(keep)
     b"".join(ImageReader(store, m).iter_range())  # still complete and verified
     with pytest.raises(StoreCorruption):
         store.get_manifest(drop)
+    w.abort()
 
 
 def test_dedup_hit_refreshes_grace(tmp_path: Path) -> None:
     store = make_store(tmp_path)
     data = image_bytes(7, 4 * CS)
     push(store, data)
-    old = time.time() - 7200
-    for _, info in list(store.list_chunks()):
-        os.utime(tmp_path / "store" / info.key, (old, old))
+    age(store)
     # a new upload of the same content reuses (and touches) the old chunks
     w = ImageWriter(store)
     w.write(data)
     w.drain()
     report = collect(store, set(), grace_seconds=3600)
-    assert report.chunks_deleted == 0
+    assert report.manifests_deleted == 1  # the old manifest went: nothing protects the rows
+    assert report.chunks_deleted == 0  # but the upload in progress touched them
     m = w.finish()
     assert w.stored_bytes == 0
-    store.put_manifest(m)
+    mid = store.put_manifest(m)
+    assert b"".join(ImageReader(store, store.get_manifest(mid)).iter_range()) == data
 
 
 def test_direct_io_used_and_falls_back_where_refused(tmp_path: Path,

@@ -4,7 +4,8 @@ Writing: the caller hands over blocks as they arrive. The whole-image SHA-256
 runs in one thread (it must see bytes in order) while chunk hashing and object
 writes run in a small pool; hashlib and file I/O release the GIL, so on two
 cores the two digests overlap instead of adding up. At most `max_inflight`
-chunks are held at once, whatever the image size.
+chunks are held at once, whatever the image size. New chunks go into one pack
+per writer (`rain.store.packs`), committed by `finish`.
 
 Reading: chunks are fetched and verified ahead of the consumer by the same
 kind of pool; runs of zero chunks are produced without touching the store.
@@ -59,10 +60,14 @@ class ImageWriter:
         self.stored_bytes = 0
         self.chunks: list[bytes] = []
         self._closed = False
+        self._pack = store.open_pack()
 
     def _store_chunks(self, data: memoryview) -> list[tuple[bytes, int]]:
-        """One task per block, not per chunk: the pool's overhead per task is not free."""
-        out = []
+        """One task per block, not per chunk: the pool's overhead per task is not free,
+        and a block's new chunks go into the pack as one write, its dedup hits are
+        refreshed in one index transaction."""
+        out: list[tuple[bytes, int]] = []
+        items: list[tuple[bytes, memoryview]] = []
         cs = self.chunk_size
         for off in range(0, len(data), cs):
             chunk = data[off : off + cs]
@@ -70,7 +75,11 @@ class ImageWriter:
                 out.append((ZERO_DIGEST, 0))
                 continue
             digest = hashlib.sha256(chunk).digest()
-            out.append((digest, self.store.put_chunk(digest, chunk)))
+            out.append((digest, 0))
+            items.append((digest, chunk))
+        if items:
+            added = iter(self.store.store_chunks(self._pack, items))
+            out = [(d, 0 if d == ZERO_DIGEST else next(added)) for d, _ in out]
         return out
 
     def _hash_block(self, data: memoryview) -> None:
@@ -196,22 +205,31 @@ class ImageWriter:
         self._reap()
 
     def finish(self) -> ImageManifest:
-        """Flush the last partial block and wait for everything; the manifest is not yet saved."""
-        if self._cur is not None and self._fill:
-            self._dispatch()
-        self.drain()
+        """Flush the last partial block, wait for everything and commit the pack
+        (durable, then indexed); the manifest is not yet saved — the caller's
+        `put_manifest` must come after this."""
+        try:
+            if self._cur is not None and self._fill:
+                self._dispatch()
+            self.drain()
+            self._pack.commit()
+        except BaseException:
+            self.abort()  # nothing of a failed upload stays behind
+            raise
         if self._spool is not None:
             self._spool.truncate(self.size)  # a trailing hole was only seeked over
         self._close()
         return ImageManifest(self.chunk_size, self.size, self._whole.hexdigest(), self.chunks)
 
     def abort(self) -> None:
-        """Stop early; stored chunks stay unreferenced until gc removes them."""
+        """Stop early and delete this upload's pack (unless `finish` committed it:
+        then its rows may already be shared, and gc collects them if unreferenced)."""
         for _, hfut, cfuts in self._inflight:
             hfut.cancel()
             for f in cfuts:
                 f.cancel()
         self._close()
+        self._pack.abort()
 
     def _close(self) -> None:
         if not self._closed:

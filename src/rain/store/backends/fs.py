@@ -2,10 +2,10 @@
 
 Objects live at `root/<key>`; keys use `/` to fan out directories. A put writes
 a temporary file in the same directory and renames it into place, so a reader
-or a crash never sees half an object. Durability is either per object
-(`sync=True`: fsync file and directory) or batched: many puts followed by one
-`sync()` (syncfs on the store's filesystem), which is how uploads commit —
-hundreds of per-chunk fsyncs would cost more than the upload itself.
+or a crash never sees half an object; `sync=True` fsyncs file and directory.
+Pack files are written in ranges through `open_writer` (see `fs_ranges`) and
+made durable by their writer's `commit`: fdatasync of the pack plus fsync of
+the directories a new pack's name lives in — no filesystem-wide barrier.
 """
 
 from __future__ import annotations
@@ -19,9 +19,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from rain.store.backend import ObjectInfo
+from rain.store.backends.fs_ranges import (
+    DIRECT_ALIGN,
+    FdCache,
+    FileRangeWriter,
+    fsync_dir,
+    start_writeback,
+)
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_SYNC_FILE_RANGE_WRITE = 2
 
 
 def _write_all(fd: int, data: bytes | memoryview | Sequence[bytes | memoryview]) -> None:
@@ -39,25 +45,11 @@ def _write_all(fd: int, data: bytes | memoryview | Sequence[bytes | memoryview])
             parts[0] = parts[0][written:]
 
 
-_DIRECT_ALIGN = 4096
-
-
 def _aligned(view: memoryview) -> bool:
     """O_DIRECT needs the buffer address and length aligned to the block size."""
-    if view.readonly or len(view) % _DIRECT_ALIGN:
+    if view.readonly or len(view) % DIRECT_ALIGN:
         return False
-    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % _DIRECT_ALIGN == 0
-
-
-def _start_writeback(fd: int) -> None:
-    """Ask the kernel to start writing the file out now, without waiting.
-
-    Batched durability ends in one `sync()`; starting writeback per object as
-    it is written spreads the disk work over the upload instead of leaving
-    all of it for the commit.
-    """
-    _libc.sync_file_range(fd, ctypes.c_longlong(0), ctypes.c_longlong(0),
-                          ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGN == 0
 
 
 class FilesystemBackend:
@@ -67,7 +59,9 @@ class FilesystemBackend:
         self._root = str(self.root)
         self._tmp_seq = itertools.count()
         self._dirs: set[str] = set()
+        self._durable_dirs: set[str] = set()
         self._direct_ok = True
+        self._readers = FdCache()
 
     def _path(self, key: str) -> Path:
         return Path(self._str(key))
@@ -103,7 +97,7 @@ class FilesystemBackend:
             if sync:
                 os.fsync(fd)
             elif not direct:
-                _start_writeback(fd)
+                start_writeback(fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
@@ -117,6 +111,51 @@ class FilesystemBackend:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
+
+    def open_writer(self, key: str, *, direct: bool = False, sync_each: bool = False
+                    ) -> FileRangeWriter:
+        path = self._str(key)
+        self._ensure_dir(path.rsplit("/", 1)[0])
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        direct = direct and self._direct_ok
+        try:
+            fd = os.open(path, flags | (os.O_DIRECT if direct else 0), 0o644)
+        except OSError:
+            if not direct:
+                raise
+            self._direct_ok = False  # e.g. tmpfs: no O_DIRECT here
+            direct = False
+            fd = os.open(path, flags, 0o644)
+        return FileRangeWriter(key, path, fd, direct=direct, sync_each=sync_each,
+                               on_commit=self._sync_new_entry,
+                               on_direct_refused=self._refuse_direct)
+
+    def _refuse_direct(self) -> None:
+        self._direct_ok = False
+
+    def _sync_new_entry(self, path: str) -> None:
+        """Make a new file's name durable: its directory, and once per process each
+        ancestor up to the root (directories are never removed, so once is enough)."""
+        directory = path.rsplit("/", 1)[0]
+        fsync_dir(directory)
+        while directory != self._root and directory not in self._durable_dirs:
+            parent = directory.rsplit("/", 1)[0]
+            fsync_dir(parent)
+            self._durable_dirs.add(directory)
+            directory = parent
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            return self._readers.pread(self._str(key), length, offset)
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def local_path(self, key: str) -> Path:
+        return self._path(key)
+
+    def close(self) -> None:
+        """Close cached read fds."""
+        self._readers.close()
 
     def get(self, key: str) -> bytes:
         try:
@@ -140,8 +179,10 @@ class FilesystemBackend:
         return True
 
     def delete(self, key: str) -> None:
+        path = self._str(key)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._str(key))
+            os.unlink(path)
+        self._readers.forget(path)
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         base = self._path(prefix.rstrip("/")) if prefix else self.root
