@@ -8,9 +8,10 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8480
 
-# Debian packages: the tools rain drives (qemu-img, mke2fs, ...). The test suite
-# also needs a PostgreSQL server to run the catalog tests against.
-RUN_DEBS  := qemu-utils e2fsprogs openssl debootstrap
+# Debian packages: the tools rain drives (qemu-img, mke2fs, debootstrap, sfdisk, and
+# qemu-system for boot tests). The test suite also needs a PostgreSQL server to run the
+# catalog tests against.
+RUN_DEBS  := qemu-utils e2fsprogs openssl debootstrap fdisk qemu-system-x86
 TEST_DEBS := $(RUN_DEBS) postgresql
 
 .PHONY: run test lint deps-run deps-test venv clean bench
@@ -26,7 +27,9 @@ lint: venv
 	$(BIN)/mypy
 
 bench: deps-test venv
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python benchmarks/repository.py
+	$(BIN)/python benchmarks/build.py --png docs/build-phases.png
 
 deps-run:
 	@./scripts/apt-ensure $(RUN_DEBS)

@@ -21,3 +21,7 @@ class BuildConfig:
     max_log_chars: int = 4 * 1024 * 1024
     # How often a server looks for builds queued by another server sharing the catalog.
     poll_seconds: float = 2.0
+    # Boot every new image in QEMU (no network) before storing it; a failed boot fails the build.
+    boot_test: bool = True
+    # Seconds the boot test waits for the image's boot marker (TCG is slow).
+    boot_timeout: float = 180.0

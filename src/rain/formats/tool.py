@@ -25,9 +25,10 @@ import os
 import resource
 import signal
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from rain.model.errors import ToolFailed
 
@@ -147,6 +148,57 @@ def run_tool(
             returncode=rc,
         )
     return subprocess.CompletedProcess(args, rc, out, err)
+
+
+@contextlib.contextmanager
+def running_tool(
+    argv: Sequence[str],
+    *,
+    stdin: int | None = subprocess.DEVNULL,
+    stdout: int | IO[bytes] | None = subprocess.DEVNULL,
+    stderr: int | IO[bytes] | None = subprocess.DEVNULL,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a long-running tool (a VM, a namespace holder) for the length of a `with` block.
+
+    For tools the caller must watch while they run, which `run_tool` cannot
+    do. The tool gets its own process group, and on leaving the block, on
+    success, error or KeyboardInterrupt alike, the whole group is killed and
+    reaped, so nothing it started outlives the block.
+    """
+    if isinstance(argv, str | bytes) or not argv:
+        raise TypeError("running_tool takes a non-empty argv list, never a shell string")
+    args = [str(a) for a in argv]
+    tool = os.path.basename(args[0])
+    run_env = dict(os.environ if env is None else env)
+    run_env.setdefault("LC_ALL", "C")
+    try:
+        proc = subprocess.Popen(
+            args,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=cwd,
+            env=run_env,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except FileNotFoundError:
+        raise ToolFailed(f"{tool} is not installed (not found on PATH)", tool=tool) from None
+    except OSError as exc:
+        raise ToolFailed(f"{tool} could not be started: {exc.strerror}", tool=tool) from None
+    try:
+        yield proc
+    finally:
+        _kill_group(proc)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        # A process stuck in the kernel cannot be reaped; do not hang with it.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
 
 
 def stderr_tail(stderr: str, lines: int = _TAIL_LINES) -> str:

@@ -3,7 +3,10 @@
 Adding a distribution is adding a module here (``debian.py`` today), not
 editing a switch elsewhere. Installers bootstrap a root filesystem into a plain
 directory and report what got installed; they never leave mounts behind
-(`unmount_under` is the shared clean-up for that).
+(`unmount_under` is the shared clean-up for that). Everything after the
+bootstrap (packages, services, boot setup, clean-up) runs inside a
+`rain.build.chroot.Chroot` the caller holds open, so one set of mounts serves
+a whole build.
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from rain.formats.tool import run_tool
 from rain.model.errors import ToolFailed
+
+if TYPE_CHECKING:
+    from rain.build.chroot import Chroot
 
 
 class DistroInstaller(Protocol):
@@ -41,6 +47,28 @@ class DistroInstaller(Protocol):
 
     def installed_packages(self, root: Path) -> dict[str, str]:
         """{package: version} of what is installed under `root`."""
+        ...
+
+    def boot_packages(self, arch: str, *, release: str) -> list[str]:
+        """Packages that make a bootstrapped tree boot as a VM (kernel, init, DHCP, bootloader)."""
+        ...
+
+    def install(self, chroot: Chroot, packages: Sequence[str]) -> None:
+        """Install packages (NAME or NAME=VERSION); unknown names are one `InvalidRequest`."""
+        ...
+
+    def configure_boot(self, chroot: Chroot) -> None:
+        """After the boot packages: DHCP networking and the boot-test marker."""
+        ...
+
+    def enable_services(
+        self, chroot: Chroot, enable: Sequence[str], disable: Sequence[str]
+    ) -> None:
+        """Enable/disable units; an unknown unit is an `InvalidRequest`."""
+        ...
+
+    def clean(self, chroot: Chroot, *, keep_apt_lists: bool = True) -> None:
+        """Last step of a build: no machine identity, host leftovers or passwords in the image."""
         ...
 
 
