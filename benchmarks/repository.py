@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import socket
 import statistics
@@ -258,6 +259,7 @@ def throughput_runs(image: Path, work: Path, runs: int, via: str, keep: bool) ->
     for run in range(1, runs + 1):
         s.openssl.append(time_tool(["openssl", "dgst", "-sha256", str(image)]))
         s.cat.append(time_tool(["cat", str(image)]))
+        shutil.rmtree(work / f"server-run{run}", ignore_errors=True)  # fresh, also with --keep
         with rain_server(work / f"server-run{run}") as server:
             t = Transfer(server, via)
             try:
@@ -308,6 +310,7 @@ def du_sb(path: Path) -> int:
 
 def family_run(images: list[Path], work: Path, via: str) -> Family:
     """Base + derived (parent = base) into one fresh server."""
+    shutil.rmtree(work / "server-family", ignore_errors=True)
     with rain_server(work / "server-family") as server:
         t = Transfer(server, via)
         try:

@@ -112,7 +112,10 @@ def gc(data_dir: DataDir = None, db: Db = None,
         print_json(report)
     else:
         out.print(f"deleted {report['chunks_deleted']} chunks ({human(report['bytes_freed'])}), "
-                  f"{report['manifests_deleted']} manifests; kept {report['chunks_kept']} chunks")
+                  f"{report['manifests_deleted']} manifests, {report.get('packs_deleted', 0)} "
+                  f"packs; repacked {report.get('packs_repacked', 0)} packs "
+                  f"({human(report.get('bytes_repacked', 0))}); kept {report['chunks_kept']} "
+                  "chunks")
 
 
 # -- client side -----------------------------------------------------------------

@@ -78,6 +78,7 @@ class Repository(PurgeAndRebuild):
 
     def close(self) -> None:
         self.catalog.close()
+        self.store.close()
 
     @property
     def tool_limits(self) -> ToolLimits:
