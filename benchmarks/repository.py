@@ -62,6 +62,7 @@ class Server:
 
 
 SERVER_MODE = ["native"]  # set from --server in main()
+SPARSE = [True]  # cleared by --no-sparse
 
 
 def free_port() -> int:
@@ -210,7 +211,7 @@ class Transfer:
     def __init__(self, server: Server, via: str) -> None:
         self.server = server
         self.via = via
-        self.client = Client(server.url, server.token, timeout=3600)
+        self.client = Client(server.url, server.token, timeout=3600, sparse=SPARSE[0])
 
     def close(self) -> None:
         self.client.close()
@@ -406,10 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--via", choices=("client", "cli"), default="client",
                     help="push/pull with the in-process Client (default) or the rain CLI")
     ap.add_argument("--skip-family", action="store_true", help="only the throughput part")
+    ap.add_argument("--no-sparse", action="store_true",
+                    help="send and receive every byte (no sparse transfer encoding)")
     ap.add_argument("--server", choices=("native", "uvicorn"), default="native",
                     help="rain serve front end (default native; uvicorn = pure ASGI baseline)")
     args = ap.parse_args(argv)
     SERVER_MODE[0] = args.server
+    SPARSE[0] = not args.no_sparse
 
     size = parse_size(args.size)
     work: Path = args.work_dir
@@ -439,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"- command: `{command}`")
             print(f"- image: {human(size)} raw, ext4 with {human(imgs.data_bytes)} of files, "
                   f"page cache warm; client and server on the same machine (loopback), "
-                  f"push/pull via {args.via}, server front end {args.server}\n")
+                  f"push/pull via {args.via}, server front end {args.server}, "
+                  f"sparse transfer {'off' if args.no_sparse else 'on'}\n")
             for headers, rows in tables:
                 print(table(headers, rows, markdown=True))
                 print()
