@@ -156,6 +156,7 @@ def test_unknown_package_fails_the_build_with_one_line(server: Server, templates
     assert out["rc"] == 1
     lines = out["stderr"].strip().splitlines()
     assert len(lines) == 1 and "no-such-package-rain" in lines[0], out["stderr"]
+    assert "template bad line 3" in lines[0]
 
 
 def test_pulling_a_purged_image_rebuilds_it(server: Server, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 import threading
@@ -152,7 +153,10 @@ class ImageBuilder:
         with (self._phase(progress, "install"),
               open_disk(raw, grow_to=size, log=progress.log) as root,
               Chroot(root, apt_cache=self.apt_cache, log=progress.log) as chroot):
-            installer.install(chroot, list(template.packages))  # holds the apt cache lock
+            try:
+                installer.install(chroot, list(template.packages))  # holds the apt cache lock
+            except InvalidRequest as exc:
+                raise InvalidRequest(_at_line(template, exc.message)) from None
             for path, content in template.files:
                 target = chroot.path(path)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -306,6 +310,18 @@ class ImageBuilder:
             yield
         finally:
             progress.timing(name, time.monotonic() - started)
+
+
+def _at_line(template: Template, message: str) -> str:
+    """Prefix an unknown-package message with the template line that names the package."""
+    for package in template.packages:
+        if repr(package) not in message and repr(package.split("=")[0]) not in message:
+            continue
+        pattern = re.compile(rf"(?<![\w.+-]){re.escape(package)}(?![\w.+-])")
+        for number, line in enumerate(template.text.splitlines(), 1):
+            if pattern.search(line):
+                return f"template {template.name} line {number}: {message}"
+    return f"template {template.name}: {message}"
 
 
 def base_digest(ref: BaseRef, arch: str) -> str:
