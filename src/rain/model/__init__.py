@@ -25,6 +25,7 @@ from rain.model.image import (
     User,
     Visibility,
 )
+from rain.model.node import NodeState, Placement
 
 __all__ = [
     "ACTIVE_BUILD_STATUSES",
@@ -39,7 +40,9 @@ __all__ = [
     "InvalidImage",
     "InvalidRequest",
     "Member",
+    "NodeState",
     "NotFound",
+    "Placement",
     "QuotaExceeded",
     "RainError",
     "StoreCorruption",
