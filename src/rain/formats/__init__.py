@@ -14,7 +14,7 @@ from rain.formats.inspect import (
     inspect_header,
     verify_raw_header,
 )
-from rain.formats.qemu import create_overlay
+from rain.formats.overlay import create_copy, create_ephemeral, create_overlay
 from rain.formats.tool import (
     CONVERT_LIMITS,
     DEFAULT_LIMITS,
@@ -31,6 +31,8 @@ __all__ = [
     "ToolExitError",
     "ToolLimits",
     "convert_file",
+    "create_copy",
+    "create_ephemeral",
     "create_overlay",
     "detect_format",
     "human_size",

@@ -183,6 +183,14 @@ def create_overlay(
     run_tool([QEMU_IMG, *argv], timeout=timeout)
 
 
+def resize(path: Path, fmt: DiskFormat, size: int, *, timeout: float = 60.0) -> None:
+    """Grow the image rain made at `path` to `size` bytes (`qemu-img resize`, never shrinks)."""
+    if size <= 0:
+        raise InvalidRequest(f"disk size must be positive, not {size}")
+    target = os.path.abspath(path)
+    run_tool([QEMU_IMG, "resize", "-f", qemu_format(fmt), target, str(size)], timeout=timeout)
+
+
 def _run(
     args: list[str], limits: ToolLimits, *, check: bool = True
 ) -> subprocess.CompletedProcess[bytes]:
