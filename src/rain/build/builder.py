@@ -46,13 +46,13 @@ from rain.build.disk import copy_disk, make_disk, open_disk
 from rain.build.distros import DistroInstaller, unmount_under
 from rain.build.distros.debian import DebianInstaller
 from rain.build.jobs import BuildProgress
-from rain.build.request import BuildRequest, resolve_digest
-from rain.build.template import BaseRef, Template, template_digest
+from rain.build.request import BuildRequest, chain_digests, resolve_digest
+from rain.build.template import BaseRef, Template
 from rain.formats.inspect import convert_file
 from rain.model import DiskFormat, Image, ImageStatus, InvalidRequest, RainError, User, Visibility
 from rain.model.errors import Unsupported
 from rain.repo import Repository
-from rain.store import ImageReader
+from rain.repo.convert import materialize
 
 if TYPE_CHECKING:
     from rain.config import Config
@@ -123,7 +123,7 @@ class ImageBuilder:
                 resolved = ""
             else:
                 current = resolved = self.repo.get(viewer, root.base.image).id
-            digests = self._digests(chain, resolved)
+            digests = chain_digests(request, resolved)
             for i, template in enumerate(chain[:-1]):
                 hit = self.repo.catalog.image_with_template(digests[i], viewer)
                 if hit is not None:
@@ -237,8 +237,7 @@ class ImageBuilder:
             finally:
                 unmount_under(tree)
                 shutil.rmtree(tree, ignore_errors=True)
-            cached = self.disk_cache / f"{digest}.raw"
-            copy_disk(raw, cached)
+            copy_disk(raw, self.disk_cache / f"{digest}.raw")  # the next build's starting point
             qcow2, boot = self._finish_disk(raw, progress, work)
             with self._phase(progress, "upload"):
                 image = self.repo.create(viewer, {
@@ -254,6 +253,7 @@ class ImageBuilder:
                 image = self.repo.upload_file(viewer, image.id, qcow2, DiskFormat.QCOW2)
                 self.repo.catalog.update_image(image.id, template_digest=digest)
             (self.disk_cache / f"{digest}.raw").rename(self.disk_cache / f"{image.id}.raw")
+            (self.disk_cache / f"{image.id}.sha256").write_text(image.sha256 or "")
             return image
 
     def _restore(self, viewer: User, image: Image, raw: Path, progress: BuildProgress) -> None:
@@ -267,14 +267,7 @@ class ImageBuilder:
             d = self.repo.open_download(viewer, image.id)
             with tempfile.TemporaryDirectory(dir=self.disk_cache) as tmp:
                 exported = Path(tmp) / f"image.{d.disk_format}"
-                with open(exported, "wb") as f:
-                    for block in ImageReader(self.repo.store, d.manifest,
-                                             image=image.id).iter_range():
-                        if block.count(0) == len(block):
-                            f.seek(len(block), 1)
-                        else:
-                            f.write(block)
-                    f.truncate(d.size)
+                materialize(self.repo.store, d.manifest, exported, image.id)
                 if d.disk_format == DiskFormat.RAW:
                     exported.rename(cached)
                 else:
@@ -289,14 +282,6 @@ class ImageBuilder:
             raise InvalidRequest(f"building {distro!r} images is not supported yet "
                                  f"(supported: {', '.join(sorted(self.installers))})")
         return installer
-
-    def _digests(self, chain: list[Template], resolved_root_parent: str) -> list[str]:
-        out: list[str] = []
-        parent = resolved_root_parent
-        for template in chain:
-            parent = template_digest(template, parent)
-            out.append(parent)
-        return out
 
     def _lock(self, key: str) -> threading.Lock:
         with self._locks_guard:

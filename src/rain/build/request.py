@@ -70,10 +70,16 @@ def resolve_digest(request: BuildRequest, resolve_image: Callable[[BaseRef], str
     says (its id, which survives purge and rebuild); a template base to that
     template's own digest.
     """
-    chain = (request.template, *request.parents)
-    root = chain[-1]
+    root = request.root
     resolved = resolve_image(root.base) if root.base.kind == "image" else ""
-    digest = template_digest(root, resolved)
-    for template in reversed(chain[:-1]):
-        digest = template_digest(template, digest)
-    return digest
+    return chain_digests(request, resolved)[-1]
+
+
+def chain_digests(request: BuildRequest, resolved_root_parent: str) -> list[str]:
+    """The digest of every template of the chain, root first (the request's is last)."""
+    digests: list[str] = []
+    parent = resolved_root_parent
+    for template in (*reversed(request.parents), request.template):
+        parent = template_digest(template, parent)
+        digests.append(parent)
+    return digests
