@@ -1,8 +1,10 @@
-"""`/v1/images`: create, upload, download (Range, ETag, digest), list, change, share."""
+"""`/v1/images`: create, upload, download (Range, ETag, digest), manifest, list, change,
+share."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -144,6 +146,18 @@ async def download_image(ref: str, request: Request, r: Repo, user: Viewer,
 
     return StreamingResponse(stream(), status_code=status, headers=headers,
                              media_type="application/octet-stream")
+
+
+@router.get("/{ref}/manifest")
+def image_manifest(ref: str, r: Repo, user: Viewer) -> dict[str, Any]:
+    """The image's chunk digests (what node caches and the `chunks` method fetch by):
+    `chunks` is base64 of `count` 32-byte SHA-256 digests, in order; an all-zero chunk
+    is 32 zero bytes. Each chunk is `chunk_size` bytes, the last one the rest of `size`."""
+    image, manifest = r.image_manifest(user, ref)
+    return {"image_id": image.id, "sha256": manifest.sha256, "size": manifest.size,
+            "disk_format": str(image.disk_format) if image.disk_format else None,
+            "chunk_size": manifest.chunk_size, "count": len(manifest.chunks),
+            "chunks": base64.b64encode(b"".join(manifest.chunks)).decode("ascii")}
 
 
 @router.get("")

@@ -19,3 +19,5 @@ class RepoConfig:
     # CPU seconds / bytes of memory qemu-img may use on an untrusted image.
     inspect_cpu_seconds: int = 30
     inspect_memory_bytes: int = 1024**3
+    # A node whose agent has not reported for this long is down (agents beat every few s).
+    node_timeout_seconds: float = 15.0

@@ -55,6 +55,7 @@ class PurgeAndRebuild:
     rebuilder: Rebuilder | None
 
     if TYPE_CHECKING:
+        def run_activation_hooks(self, image: Image) -> None: ...
         def _require_read(self, viewer: User | None) -> None: ...
         def _upload_session(self, image: Image,
                             declared: DiskFormat | None) -> UploadSession: ...
@@ -165,6 +166,9 @@ class PurgeAndRebuild:
         image = self.purged_for_rebuild(viewer, ref)
         session = self._upload_session(image, declared or image.disk_format)
         result = feed_file(session, path)
+        # The old content's torrent must not describe the new content, even for the time
+        # the activation hooks take to make the new one.
+        self.catalog.drop_torrent(image.id)
         ok = self.catalog.transition(
             image.id, [ImageStatus.PURGED], ImageStatus.ACTIVE, sha256=result.manifest.sha256,
             size=result.manifest.size, virtual_size=result.virtual_size,
@@ -176,7 +180,9 @@ class PurgeAndRebuild:
             history = " ".join(x for x in (image.properties.get(PREVIOUS_SHA256), image.sha256)
                                if x)
             self.catalog.edit_properties(image.id, {PREVIOUS_SHA256: history})
-        return self.catalog.get_image(image.id)
+        active = self.catalog.get_image(image.id)
+        self.run_activation_hooks(active)
+        return active
 
     def record_build(self, image_id: str, build: Build) -> Image:
         """Server side, once a build produced `image_id`: keep its template and timings.

@@ -8,7 +8,7 @@ always NotFound — never Forbidden, which would confirm it exists.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -38,6 +38,8 @@ from rain.repo.access import (
 )
 from rain.repo.config import RepoConfig
 from rain.repo.convert import variant_for
+from rain.repo.deployments import DeploymentRecords
+from rain.repo.nodes import NodeRegistry
 from rain.repo.rebuild import PurgeAndRebuild, Rebuilder, feed_file
 from rain.repo.upload import UploadLimits, UploadResult, UploadSession, stream_into_store
 from rain.store import ChunkStore, FilesystemBackend, GcReport, ImageManifest, StoreConfig, collect
@@ -59,7 +61,7 @@ class Download:
     size: int
 
 
-class Repository(PurgeAndRebuild):
+class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords):
     def __init__(self, catalog: Catalog, store: ChunkStore, config: RepoConfig,
                  work_dir: Path) -> None:
         self.catalog = catalog
@@ -68,6 +70,11 @@ class Repository(PurgeAndRebuild):
         self.work_dir = work_dir
         # Set by the server when it runs a build queue: rebuilds purged images on pull.
         self.rebuilder: Rebuilder | None = None
+        # Called with each image that becomes active (an upload or a rebuild ended), after
+        # the fact: a failing hook is logged and fails nothing. They run in the thread that
+        # finished the upload, before its response: a hook with real work to do (hashing
+        # a torrent) hands it to a thread of its own.
+        self.activation_hooks: list[Callable[[Image], None]] = []
 
     @classmethod
     def open(cls, data_dir: Path, db_url: str, store_config: StoreConfig | None = None,
@@ -209,7 +216,9 @@ class Repository(PurgeAndRebuild):
             manifest_id=result.manifest_id)
         if not ok:
             raise Conflict(f"image {image.id} changed state during the upload")
-        return self.catalog.get_image(image.id)
+        active = self.catalog.get_image(image.id)
+        self.run_activation_hooks(active)
+        return active
 
     async def upload(self, viewer: User | None, ref: str, body: AsyncIterator[bytes],
                      declared: DiskFormat | None = None) -> Image:
@@ -219,7 +228,8 @@ class Repository(PurgeAndRebuild):
         except BaseException:
             self.end_upload(image, None)
             raise
-        return self.end_upload(image, result)
+        # Off the event loop: ending an upload runs the activation hooks.
+        return await asyncio.to_thread(self.end_upload, image, result)
 
     def upload_file(self, viewer: User | None, ref: str, path: Path,
                     declared: DiskFormat | None = None) -> Image:
@@ -233,8 +243,9 @@ class Repository(PurgeAndRebuild):
         return self.end_upload(image, result)
 
     # -- downloading ---------------------------------------------------------
-    def open_download(self, viewer: User | None, ref: str,
-                      fmt: DiskFormat | None = None) -> Download:
+    def readable_image(self, viewer: User | None, ref: str) -> Image:
+        """The image `ref`, if the viewer may pull its data now (a purged one starts its
+        rebuild and raises ImageRebuilding)."""
         self._require_read(viewer)
         image = self.catalog.resolve(ref, viewer)
         if image.status == ImageStatus.PURGED:
@@ -242,6 +253,11 @@ class Repository(PurgeAndRebuild):
         if image.status not in (ImageStatus.ACTIVE, ImageStatus.DEACTIVATED):
             raise Conflict(f"image {image.id} is {image.status} and has no data to pull")
         require_readable_data(viewer, image)
+        return image
+
+    def open_download(self, viewer: User | None, ref: str,
+                      fmt: DiskFormat | None = None) -> Download:
+        image = self.readable_image(viewer, ref)
         manifest_id = self.catalog.manifest_id(image.id)
         assert manifest_id and image.disk_format
         if fmt is None or fmt == image.disk_format or {fmt, image.disk_format} == {

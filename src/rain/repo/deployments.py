@@ -1,0 +1,149 @@
+"""Deployments, instances and what moving an image needs: its manifest and its torrent.
+
+Deployments and instances are their owner's (and admins') business: anyone
+else gets NotFound, as for images they may not see. The coordinator writes
+them through the internal methods (no viewer) once the user's request was
+checked. Manifests and torrents are image data, so reading them takes the
+same checks as pulling the image.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from rain.catalog import Catalog
+from rain.model import (
+    Deployment,
+    Image,
+    InstanceRecord,
+    InvalidRequest,
+    NotFound,
+    TransferMethod,
+    User,
+)
+from rain.repo.access import require_readable_data, require_user
+from rain.store import ChunkStore, ImageManifest
+
+log = logging.getLogger("rain.repo")
+MAX_PAGE = 1000
+
+
+class DeploymentRecords:
+    """Mixed into `Repository` (which provides what is declared here)."""
+
+    catalog: Catalog
+    store: ChunkStore
+    # Called with the image each time one becomes active (an upload or a rebuild ends).
+    activation_hooks: list[Callable[[Image], None]]
+
+    if TYPE_CHECKING:
+        def readable_image(self, viewer: User | None, ref: str) -> Image: ...
+
+    # -- image data for distribution ------------------------------------------
+    def image_manifest(self, viewer: User | None, ref: str) -> tuple[Image, ImageManifest]:
+        """The stored manifest of an image the viewer may pull (its chunk digests)."""
+        image = self.readable_image(viewer, ref)
+        manifest_id = self.catalog.manifest_id(image.id)
+        assert manifest_id, f"active image {image.id} has no manifest"
+        return image, self.store.get_manifest(manifest_id)
+
+    def store_torrent(self, image_id: str, info_hash: str, piece_size: int,
+                      data: bytes) -> None:
+        self.catalog.put_torrent(image_id, info_hash, piece_size, data)
+
+    def torrent_for(self, viewer: User | None, ref: str) -> tuple[Image, str, int, bytes]:
+        """(image, info hash, piece size, torrent) of an image the viewer may pull."""
+        image = self.readable_image(viewer, ref)
+        found = self.catalog.get_torrent(image.id)
+        if found is None:
+            raise NotFound(f"image {image.id} has no torrent yet")
+        return (image, *found)
+
+    def run_activation_hooks(self, image: Image) -> None:
+        """Tell every hook that `image` is active; a failing hook is logged, nothing more."""
+        for hook in list(self.activation_hooks):
+            try:
+                hook(image)
+            except Exception:
+                log.exception("activation hook %r failed for image %s", hook, image.id)
+
+    # -- deployments -----------------------------------------------------------
+    def new_deployment(self, viewer: User | None, image: Image, *, method: str, count: int,
+                       nodes: Iterable[str], options: dict[str, Any],
+                       prefetch: bool = False) -> Deployment:
+        """Record a deployment of `image` (resolved through the viewer) as running."""
+        user = require_user(viewer)
+        require_readable_data(user, image)
+        try:
+            chosen = TransferMethod(str(method))
+        except ValueError:
+            raise InvalidRequest(f"unknown transfer method {method!r}: use one of "
+                                 f"{', '.join(m.value for m in TransferMethod)}") from None
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= 100_000:
+            raise InvalidRequest(f"bad count {count!r}: use a whole number from 0 to 100000")
+        names = list(nodes)
+        if not all(isinstance(n, str) for n in names):
+            raise InvalidRequest("nodes must be a list of node names")
+        if not isinstance(options, dict):
+            raise InvalidRequest("options must be an object")
+        return self.catalog.create_deployment(user, image_id=image.id, method=str(chosen),
+                                              count=count, nodes=names, options=dict(options),
+                                              prefetch=prefetch)
+
+    def save_deployment(self, deployment_id: str, **fields: Any) -> Deployment:
+        """Internal: status, report, error, nodes, finished (see Catalog.update_deployment)."""
+        return self.catalog.update_deployment(deployment_id, **fields)
+
+    def get_deployment(self, viewer: User | None, deployment_id: str) -> Deployment:
+        user = require_user(viewer)
+        deployment = self.catalog.get_deployment(deployment_id)
+        if not (user.is_admin or deployment.owner == user.name):
+            raise NotFound(f"no deployment {deployment_id!r}")
+        return deployment
+
+    def list_deployments(self, viewer: User | None, *, image: str | None = None,
+                         limit: int = 100, offset: int = 0) -> tuple[list[Deployment], int]:
+        """Newest first: admins see all, others their own; `image` is an image ref."""
+        user = require_user(viewer)
+        if not 1 <= limit <= MAX_PAGE or offset < 0:
+            raise InvalidRequest(f"limit must be 1-{MAX_PAGE} and offset >= 0")
+        image_id = None
+        if image:
+            try:
+                image_id = self.catalog.resolve(image, user).id
+            except NotFound:
+                # A deleted image is no longer resolvable, but its deployments are still
+                # listed by its id (and only the viewer's own, unless an admin asks).
+                image_id = image
+        return self.catalog.list_deployments(owner_id=None if user.is_admin else user.id,
+                                             image_id=image_id, limit=limit, offset=offset)
+
+    # -- instances ---------------------------------------------------------------
+    def add_instances(self, deployment: Deployment,
+                      items: Iterable[tuple[str, str, str]]) -> list[InstanceRecord]:
+        """Internal: `creating` records of (instance id, node, image id), owned by the
+        deployment's owner."""
+        owner = self.catalog.get_user(deployment.owner)
+        return self.catalog.create_instances(owner, deployment.id, list(items))
+
+    def set_instance(self, instance_id: str, **fields: Any) -> InstanceRecord:
+        """Internal: status, disk, error, ready (see Catalog.update_instance)."""
+        return self.catalog.update_instance(instance_id, **fields)
+
+    def list_instances(self, viewer: User | None, *, node: str | None = None,
+                       deployment: str | None = None,
+                       include_deleted: bool = False) -> list[InstanceRecord]:
+        """The viewer's instances (admins: everyone's), oldest first."""
+        user = require_user(viewer)
+        return self.catalog.list_instances(owner_id=None if user.is_admin else user.id,
+                                           node=node, deployment_id=deployment,
+                                           include_deleted=include_deleted)
+
+    def get_instance(self, viewer: User | None, instance_id: str) -> InstanceRecord:
+        user = require_user(viewer)
+        instance = self.catalog.get_instance(instance_id)
+        if not (user.is_admin or instance.owner == user.name):
+            raise NotFound(f"no instance {instance_id!r}")
+        return instance
