@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rain.build.config import BuildConfig
+from rain.distribute.config import DistributeConfig, PrefetchConfig
 from rain.model.errors import InvalidRequest
 from rain.repo.config import RepoConfig
 from rain.store.chunks import StoreConfig
@@ -25,6 +26,9 @@ DEFAULT_PORT = 8480
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
+    # HTTPS when both are set (PEM files).
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 @dataclass
@@ -35,6 +39,8 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     repo: RepoConfig = field(default_factory=RepoConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
+    distribute: DistributeConfig = field(default_factory=DistributeConfig)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
 
     @property
     def db_url(self) -> str:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from rain.store.manifest import ZERO_DIGEST, ImageManifest
+from tests.conftest import Server
 
 MiB = 1 << 20
 
@@ -62,3 +66,118 @@ def sha256_of(path: Path) -> str:
             h.update(block)
     return h.hexdigest()
 
+
+
+# -- an image in a real repository, with the manifest a node would get ---------------------
+CHUNK = 256 * 1024
+
+
+@dataclass
+class RepoImage:
+    """An image pushed to a real `rain serve`, and what a node needs to fetch it."""
+
+    id: str
+    path: Path  # the pushed file (the bytes every node must end up with)
+    sha256: str
+    manifest: ImageManifest
+    url: str
+    token: str
+
+
+def manifest_of_file(path: Path, chunk_size: int = CHUNK) -> ImageManifest:
+    """The manifest the store makes for `path`: SHA-256 per chunk, ZERO_DIGEST for zeros."""
+    data = path.read_bytes()
+    chunks = []
+    for off in range(0, len(data), chunk_size):
+        piece = data[off : off + chunk_size]
+        chunks.append(ZERO_DIGEST if piece.count(0) == len(piece)
+                      else hashlib.sha256(piece).digest())
+    return ImageManifest(chunk_size, len(data), hashlib.sha256(data).hexdigest(), chunks)
+
+
+def mixed_image(path: Path, size: int = 8 * MiB, seed: bytes = b"rain") -> None:
+    """Pseudo-random data with zero stretches (holes a transfer should skip)."""
+    block = hashlib.sha256(seed).digest() * (CHUNK // 32)
+    out = bytearray()
+    i = 0
+    while len(out) < size:
+        out += bytes(CHUNK) if i % 5 == 3 else hashlib.sha256(block + bytes([i % 251])).digest() \
+            * (CHUNK // 32)
+        i += 1
+    path.write_bytes(bytes(out[:size]))
+
+
+@pytest.fixture
+def repo_image(server: Server, tmp_path: Path) -> RepoImage:
+    """A raw image of mixed data and zero chunks, pushed to the module's server."""
+    from rain.client import Client
+
+    path = tmp_path / "image.raw"
+    mixed_image(path)
+    with Client(server.url, server.token) as c:
+        info = c.push(path, name=f"img-{tmp_path.name}"[:60], disk_format="raw")
+    manifest = manifest_of_file(path)
+    assert info["sha256"] == manifest.sha256
+    return RepoImage(info["id"], path, manifest.sha256, manifest, server.url, server.token)
+
+
+# -- node agents on loopback ---------------------------------------------------------------
+@dataclass
+class AgentProc:
+    name: str
+    url: str
+    cache_dir: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def key(self) -> str:
+        return (self.cache_dir / "agent.key").read_text().strip()
+
+
+def start_agent(server: Server, name: str, root: Path, *, capacity: int = 8,
+                cache_size: str = "1G", extra: tuple[str, ...] = ()) -> AgentProc:
+    """A real `rain agent` process on 127.0.0.1, registered with `server`."""
+    import time
+
+    import httpx
+
+    from tests.conftest import RAIN, free_port
+
+    port = free_port()
+    cache_dir = root / name
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log = cache_dir / "agent.log"
+    argv = [*RAIN, "agent", "--name", name, "--repo", server.url, "--token", server.token,
+            "--cache-dir", str(cache_dir), "--cache-size", cache_size, "--listen",
+            f"127.0.0.1:{port}", "--capacity", str(capacity), "--heartbeat", "0.5", *extra]
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(argv, stdout=logf, stderr=logf, start_new_session=True)
+    agent = AgentProc(name, f"http://127.0.0.1:{port}", cache_dir, proc, log)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"rain agent {name} exited: {log.read_text()}")
+        try:
+            nodes = httpx.get(f"{server.url}/v1/nodes", timeout=2,
+                              headers={"Authorization": f"Bearer {server.token}"}).json()
+            if any(n["name"] == name and n["up"] for n in nodes["nodes"]):
+                return agent
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    stop_agent(agent)
+    raise RuntimeError(f"rain agent {name} did not register: {log.read_text()}")
+
+
+def stop_agent(agent: AgentProc, sig: int = 15) -> None:
+    import os
+    import signal
+
+    if agent.proc.poll() is None:
+        os.killpg(agent.proc.pid, sig)
+        try:
+            agent.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(agent.proc.pid, signal.SIGKILL)
+            agent.proc.wait()

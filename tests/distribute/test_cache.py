@@ -131,7 +131,7 @@ def test_state_survives_restart_and_strays_are_cleaned(tmp_path: Path, clock: Ti
     again = NodeCache(root, 3 * MiB, clock=clock)
     assert {e.image_id: e for e in again.list()} == before
     assert sorted(p.name for p in (root / "images").iterdir()) == ["a.raw", "b.raw"]
-    assert sorted(p.name for p in root.iterdir()) == ["images", "index.json"]
+    assert sorted(p.name for p in root.iterdir()) == ["images", "index.json", "manifests"]
     index = json.loads((root / "index.json").read_text())
     assert {r["image_id"] for r in index["images"]} == {"a", "b"}
     fields = {"size", "format", "sha256", "last_used", "use_count", "added"}

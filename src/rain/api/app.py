@@ -5,26 +5,38 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from rain import __version__
-from rain.api import builds, errors, images, misc
+from rain.api import builds, deployments, errors, images, misc, nodes
 from rain.build.jobs import BuildQueue
+from rain.distribute.config import DistributeConfig
+from rain.distribute.coordinator import Coordinator
+from rain.distribute.methods.base import RepoSide
 from rain.repo import Repository
 
 
-def create_app(repository: Repository, build_queue: BuildQueue | None = None) -> FastAPI:
-    """The app; without a build queue, one that cannot build (501) is made."""
+def create_app(repository: Repository, build_queue: BuildQueue | None = None,
+               coordinator: Coordinator | None = None) -> FastAPI:
+    """The app; without a build queue, one that cannot build (501) is made; without a
+    coordinator, one for a server on loopback."""
     app = FastAPI(
         title="rain",
         version=__version__,
         description="Virtual machine images: build from templates, push, pull, search, share, "
-                    "match, purge and rebuild.",
+                    "match, purge and rebuild; node agents, deployments and instances.",
     )
     app.state.repo = repository
     if build_queue is None:
         build_queue = BuildQueue(repository, None)
         repository.rebuilder = build_queue
     app.state.builds = build_queue
+    if coordinator is None:
+        coordinator = Coordinator(RepoSide(repository, DistributeConfig(), "127.0.0.1", 0,
+                                           repository.work_dir.parent))
+    app.state.coordinator = coordinator
+    app.state.distribution = coordinator.side
     errors.install(app)
     app.include_router(builds.router)
     app.include_router(images.router)
     app.include_router(misc.router)
+    app.include_router(nodes.router)
+    app.include_router(deployments.router)
     return app

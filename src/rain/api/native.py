@@ -23,6 +23,7 @@ import logging
 import queue
 import re
 import socket
+import ssl
 import threading
 from collections.abc import Callable, MutableMapping
 from concurrent.futures import Future
@@ -36,6 +37,7 @@ from rain.api.errors import error_headers
 from rain.api.files import DRAIN_LIMIT, bearer_token, download_headers
 from rain.api.ranges import RangeNotSatisfiable, parse_range
 from rain.api.sparse import MEDIA_TYPE, SparseBodyReader, sparse_header, sparse_parts, wants_sparse
+from rain.distribute.coordinator import Coordinator
 from rain.model import DiskFormat, InvalidRequest, RainError, User
 from rain.repo import Download, Repository
 from rain.store import ImageReader
@@ -274,6 +276,17 @@ class RainHandler(BaseHTTPRequestHandler):
 
     def _download(self, ref: str, query: dict[str, list[str]]) -> None:
         viewer = self._viewer()
+        coordinator = self.server.coordinator
+        if viewer is None and query.get("access_token") and coordinator is not None:
+            # A BitTorrent web seed cannot send headers: a running deployment's peer
+            # token in the query reads that deployment's image, and nothing else.
+            viewer = coordinator.viewer_for_token(query["access_token"][0], ref)
+        deployment = self.headers.get("X-Rain-Deployment") or \
+            (query.get("deployment") or [""])[0]
+        count = None
+        if deployment and coordinator is not None:
+            def count(n: int) -> None:
+                coordinator.count_bytes(deployment, n)
         d = self.repo.open_download(viewer, ref, _format(query.get("format")))
         headers = download_headers(d)
         try:
@@ -282,7 +295,7 @@ class RainHandler(BaseHTTPRequestHandler):
             headers = {"Content-Range": f"bytes */{d.size}"}
             raise
         if rng is None and wants_sparse(self.headers.get("Accept")):
-            self._download_sparse(viewer, d, headers)
+            self._download_sparse(viewer, d, headers, count)
             return
         start, end = rng if rng else (0, d.size)
         inm = self.headers.get("If-None-Match")
@@ -305,6 +318,8 @@ class RainHandler(BaseHTTPRequestHandler):
                     self.repo.record_pull(viewer, d.image, end - start, fresh=start == 0)
                     sent = -1
                 self.wfile.write(block)
+                if count is not None:
+                    count(len(block))
                 if sent >= 0:
                     sent += len(block)
         except RainError as exc:
@@ -314,7 +329,8 @@ class RainHandler(BaseHTTPRequestHandler):
             if sent > 0:
                 self.repo.record_pull(viewer, d.image, sent, fresh=False)
 
-    def _download_sparse(self, viewer: User | None, d: Download, headers: dict[str, str]) -> None:
+    def _download_sparse(self, viewer: User | None, d: Download, headers: dict[str, str],
+                         count: Callable[[int], None] | None = None) -> None:
         """The whole image without its zero chunks, digests up front (rain.model.sparse)."""
         sparse = sparse_header(d.manifest)
         for name in ("Repr-Digest", "Digest", "Accept-Ranges"):
@@ -331,11 +347,15 @@ class RainHandler(BaseHTTPRequestHandler):
             for part in sparse_parts(reader, sparse):
                 if last is not None:
                     self.wfile.write(last)
+                    if count is not None:
+                        count(len(last))
                 last = part
             # Recorded before the last part leaves, as for plain downloads.
             self.repo.record_pull(viewer, d.image, d.size, fresh=True)
             if last is not None:
                 self.wfile.write(last)
+                if count is not None:
+                    count(len(last))
         except RainError as exc:
             log.error("download of %s stopped: %s", d.image.id, exc.message)
             self.close_connection = True
@@ -396,10 +416,23 @@ class RainHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256
 
-    def __init__(self, address: tuple[str, int], repo: Repository, app: FastAPI) -> None:
+    def __init__(self, address: tuple[str, int], repo: Repository, app: FastAPI,
+                 coordinator: Coordinator | None = None,
+                 context: ssl.SSLContext | None = None) -> None:
         self.repo = repo
         self.bridge = ASGIBridge(app)
+        # Counts the bytes sent for deployments and reads their peer tokens.
+        self.coordinator = coordinator
+        self.context = context
         super().__init__(address, RainHandler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        if self.context is not None:
+            # TLS: the handshake runs in the connection's thread, on its first read.
+            sock = self.context.wrap_socket(sock, server_side=True,
+                                            do_handshake_on_connect=False)
+        return sock, addr
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -10,13 +10,20 @@ of the transfer speed (docs/benchmarks.md).
 from __future__ import annotations
 
 import ctypes
+import logging
 import signal
+import ssl
 import sys
 import threading
+from collections.abc import Callable
 
 from rain.api.app import create_app
+from rain.api.prefetch import Prefetcher
 from rain.build.jobs import BuildQueue, load_runner
 from rain.config import Config
+from rain.distribute.coordinator import Coordinator
+from rain.distribute.methods.base import RepoSide
+from rain.model import Image
 from rain.repo import Repository
 
 
@@ -52,27 +59,63 @@ def start_builds(repo: Repository, cfg: Config) -> BuildQueue:
     return queue
 
 
+def start_distribution(repo: Repository, cfg: Config, host: str,
+                       port: int) -> tuple[Coordinator, Prefetcher]:
+    """The deployment coordinator (with what the transfer methods hook into the
+    repository) and the popularity prefetcher."""
+    side = RepoSide(repo, cfg.distribute, host, port, cfg.data_dir)
+    coordinator = Coordinator(side)
+    for hook in activation_hooks(repo, cfg):
+        repo.activation_hooks.append(hook)
+    prefetcher = Prefetcher(repo, coordinator, cfg.prefetch)
+    prefetcher.start()
+    return coordinator, prefetcher
+
+
+def activation_hooks(repo: Repository, cfg: Config) -> list[Callable[[Image], None]]:
+    """What runs when an image becomes active: the BitTorrent method makes its torrent."""
+    try:
+        from rain.distribute.methods.bittorrent import torrent_on_activate
+    except ImportError:  # no libtorrent: the method is unavailable, nothing to prepare
+        return []
+    return [torrent_on_activate(repo)]
+
+
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
+    if not (cfg.server.tls_cert and cfg.server.tls_key):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key)
+    return context
+
+
 def run(cfg: Config, host: str, port: int, server: str = "native") -> None:
     tune_malloc()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s "
+                        "%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     repo = open_repository(cfg)
     builds = start_builds(repo, cfg)
-    if server == "uvicorn":
-        import uvicorn
-
-        try:
-            uvicorn.run(create_app(repo, builds), host=host, port=port, log_level="warning",
-                        loop="uvloop", http="httptools")
-        finally:
-            builds.stop()
-            repo.close()
-        return
-    from rain.api.native import RainHTTPServer
-
-    httpd = RainHTTPServer((host, port), repo, create_app(repo, builds))
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=httpd.shutdown).start())
+    coordinator, prefetcher = start_distribution(repo, cfg, host, port)
+    app = create_app(repo, builds, coordinator)
     try:
-        httpd.serve_forever(poll_interval=0.5)
+        if server == "uvicorn":
+            import uvicorn
+
+            uvicorn.run(app, host=host, port=port, log_level="warning", loop="uvloop",
+                        http="httptools", ssl_certfile=cfg.server.tls_cert,
+                        ssl_keyfile=cfg.server.tls_key)
+            return
+        from rain.api.native import RainHTTPServer
+
+        httpd = RainHTTPServer((host, port), repo, app, coordinator, tls_context(cfg))
+        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=httpd.shutdown).start())
+        try:
+            httpd.serve_forever(poll_interval=0.5)
+        finally:
+            httpd.server_close()
     finally:
+        prefetcher.stop()
+        coordinator.close()
         builds.stop()
-        httpd.server_close()
         repo.close()

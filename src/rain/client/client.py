@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import httpx
 
 from rain.client.builds import BuildCalls, BuildUpdate
+from rain.client.deployments import DeployCalls
+from rain.client.nodes import NodeCalls
 from rain.client.transfer import download_file, upload_file
 from rain.model.errors import ERRORS_BY_CODE, ImageRebuilding, InvalidImage, RainError
 
@@ -25,10 +28,13 @@ BLOCK = 1024 * 1024
 Progress = Callable[[int], None]
 
 
-class Client(BuildCalls):
+class Client(BuildCalls, NodeCalls, DeployCalls):
     def __init__(self, url: str | None = None, token: str | None = None, *,
-                 timeout: float = 300.0, sparse: bool = True) -> None:
+                 timeout: float = 300.0, sparse: bool = True, ca: str | None = None) -> None:
         self.url = (url or os.environ.get("RAIN_URL") or DEFAULT_URL).rstrip("/")
+        # A CA bundle for an https server with a private certificate (RAIN_CA).
+        ca = ca or os.environ.get("RAIN_CA") or None
+        self.context = ssl.create_default_context(cafile=ca) if ca else None
         self.token = token if token is not None else os.environ.get("RAIN_TOKEN")
         self.timeout = timeout
         # Leave zero chunks out of image transfers when the server agrees (rain.model.sparse).
@@ -36,7 +42,8 @@ class Client(BuildCalls):
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self._auth = dict(headers)
         self._http = httpx.Client(base_url=self.url, headers=headers,
-                                  timeout=httpx.Timeout(timeout, connect=10.0))
+                                  timeout=httpx.Timeout(timeout, connect=10.0),
+                                  verify=self.context if self.context is not None else True)
 
     def close(self) -> None:
         self._http.close()
@@ -66,7 +73,7 @@ class Client(BuildCalls):
         try:
             reply = upload_file(f"{self.url}/v1/images/{ref}/file{query}", Path(path),
                                 self._auth, timeout=self.timeout, progress=progress,
-                                sparse=self.sparse)
+                                sparse=self.sparse, context=self.context)
         except OSError as exc:
             raise RainError(f"upload of {path} was cut off before the server answered ({exc}); "
                             "the image was not stored") from None
@@ -115,7 +122,8 @@ class Client(BuildCalls):
         query = f"?format={format}" if format else ""
         try:
             got = download_file(f"{self.url}/v1/images/{ref}/file{query}", tmp, self._auth,
-                                timeout=self.timeout, progress=progress, sparse=self.sparse)
+                                timeout=self.timeout, progress=progress, sparse=self.sparse,
+                                context=self.context)
             reply = got.reply
             _raise_for_reply(reply.status, reply.body)
             expected = reply.headers.get("x-rain-sha256", "")

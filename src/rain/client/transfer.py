@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import os
 import socket
+import ssl
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,32 +40,38 @@ class Reply:
     body: bytes
 
 
-def _connect(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+def _connect(url: str, timeout: float,
+             context: ssl.SSLContext | None = None) -> tuple[http.client.HTTPConnection, str]:
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
-    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = cls(host, parts.port, timeout=timeout)
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(host, parts.port, timeout=timeout, context=context)
+    else:
+        conn = http.client.HTTPConnection(host, parts.port, timeout=timeout)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     return conn, path
 
 
 def upload_file(url: str, path: Path, headers: dict[str, str], *, timeout: float,
-                progress: Progress | None = None, sparse: bool = True) -> Reply:
+                progress: Progress | None = None, sparse: bool = True,
+                context: ssl.SSLContext | None = None) -> Reply:
     """PUT a file; if the server answers early (an error) the answer is still read.
 
     With `sparse` the body leaves out all-zero segments (rain.model.sparse); a
     server that does not take that encoding (415) gets the plain bytes.
     """
     if sparse:
-        reply = _put(url, path, headers, timeout, progress, scan(path))
+        reply = _put(url, path, headers, timeout, progress, scan(path), context)
         if reply.status != 415:
             return reply
-    return _put(url, path, headers, timeout, progress, None)
+    return _put(url, path, headers, timeout, progress, None, context)
 
 
 def _put(url: str, path: Path, headers: dict[str, str], timeout: float,
-         progress: Progress | None, sparse: SparseHeader | None) -> Reply:
-    conn, target = _connect(url, timeout)
+         progress: Progress | None, sparse: SparseHeader | None,
+         context: ssl.SSLContext | None = None) -> Reply:
+    conn, target = _connect(url, timeout, context)
     size = Path(path).stat().st_size
     if sparse is None:
         extra = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
@@ -125,7 +132,8 @@ class Downloaded:
 
 
 def download_file(url: str, out: Path, headers: dict[str, str], *, timeout: float,
-                  progress: Progress | None = None, sparse: bool = True) -> Downloaded:
+                  progress: Progress | None = None, sparse: bool = True,
+                  context: ssl.SSLContext | None = None) -> Downloaded:
     """GET into `out` (created sparse).
 
     With `sparse`, a server that speaks rain's sparse encoding sends only the
@@ -133,7 +141,7 @@ def download_file(url: str, out: Path, headers: dict[str, str], *, timeout: floa
     whole body's SHA-256 is computed while writing. On an error status nothing
     is written and the reply carries the body.
     """
-    conn, target = _connect(url, timeout)
+    conn, target = _connect(url, timeout, context)
     try:
         accept = {"Accept": f"{SPARSE_TYPE}, application/octet-stream"} if sparse else {}
         conn.request("GET", target, headers={**headers, **accept})

@@ -51,6 +51,7 @@ from rain.model.errors import (
     NotFound,
     QuotaExceeded,
 )
+from rain.store.manifest import ImageManifest
 
 INDEX = "index.json"
 TMP_PREFIX = ".tmp-"
@@ -100,6 +101,8 @@ class NodeCache:
             raise InvalidRequest(f"cache capacity must be positive, not {capacity}")
         self.root = Path(root).absolute()
         self.images_dir = self.root / "images"
+        # Chunk digests of every cached image: what the `chunks` method and peers look up.
+        self.manifests_dir = self.root / "manifests"
         self.capacity = capacity
         self._clock = clock
         self._lock = threading.RLock()
@@ -107,6 +110,7 @@ class NodeCache:
         self._pins: dict[str, int] = {}
         self._age = 0.0  # L in H = L + use_count
         self.images_dir.mkdir(parents=True, exist_ok=True)
+        self.manifests_dir.mkdir(exist_ok=True)
         self._load()
 
     # -- queries ---------------------------------------------------------
@@ -129,6 +133,23 @@ class NodeCache:
             e = self._entries.get(image_id)
             return None if e is None else self._view(e)
 
+    def manifest(self, image_id: str) -> ImageManifest | None:
+        """The chunk digests of a cached image, when it was admitted with them."""
+        path = self.manifests_dir / f"{image_id}.manifest"
+        with self._lock:
+            if image_id not in self._entries:
+                return None
+        try:
+            return ImageManifest.from_bytes(path.read_bytes(), name=image_id)
+        except FileNotFoundError:
+            return None
+
+    def partial_path(self, image_id: str) -> Path:
+        """Where a download of `image_id` is assembled: inside the cache (same filesystem,
+        so admission is a rename) under a temp name the next start removes."""
+        check_id(image_id)
+        return self.images_dir / f"{TMP_PREFIX}{image_id}.partial"
+
     def get(self, image_id: str) -> Path | None:
         """Path of a cached image (counted as a use: recency and popularity), or None."""
         with self._lock:
@@ -142,14 +163,19 @@ class NodeCache:
     # -- changes ---------------------------------------------------------
 
     def add(
-        self, image_id: str, src: Path, fmt: DiskFormat, sha256: str, *, move: bool = False
+        self, image_id: str, src: Path, fmt: DiskFormat, sha256: str, *, move: bool = False,
+        manifest: ImageManifest | None = None, verified: bool = False,
     ) -> CachedImage:
         """Admit `src` as `image_id` once its SHA-256 matches, evicting others to make room.
 
         `move=True` renames `src` into the cache (same filesystem) instead of
         copying it, for a download that was written next to the cache. On a
         digest mismatch nothing is kept (with `move`, `src` is gone too: it
-        was bad data) and InvalidImage is raised.
+        was bad data) and InvalidImage is raised. `verified=True` (with
+        `move` and `manifest`) skips the second hash for a file whose every
+        chunk was already checked against `manifest` (a PartialImage):
+        matching chunks mean a matching whole. `manifest` is kept beside the
+        image for chunk lookups.
         """
         check_id(image_id)
         fmt = DiskFormat(fmt)
@@ -167,9 +193,15 @@ class NodeCache:
                 self._save()
                 return self._view(existing)
 
+        if verified and (manifest is None or not move or manifest.sha256 != want):
+            raise InvalidRequest("a verified admission needs move=True and the image's manifest")
         tmp = self.images_dir / f"{TMP_PREFIX}{image_id}.{os.getpid()}.{threading.get_ident()}"
         try:
-            got = _move_and_hash(src, tmp) if move else _copy_and_hash(src, tmp)
+            if verified:
+                os.replace(src, tmp)
+                got = want
+            else:
+                got = _move_and_hash(src, tmp) if move else _copy_and_hash(src, tmp)
             if got != want:
                 raise InvalidImage(
                     f"image {image_id}: SHA-256 of the received data is {got}, expected {want}"
@@ -180,6 +212,9 @@ class NodeCache:
                     return self._view(self._entries[image_id])
                 self._make_room(st.st_blocks * 512, image_id)
                 final = self.images_dir / f"{image_id}.{fmt}"
+                if manifest is not None:
+                    _write_atomic(self.manifests_dir / f"{image_id}.manifest",
+                                  manifest.to_bytes())
                 os.replace(tmp, final)
                 now = self._clock()
                 e = CachedImage(
@@ -273,6 +308,8 @@ class NodeCache:
     def _remove(self, e: CachedImage) -> None:
         with contextlib.suppress(FileNotFoundError):
             e.path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (self.manifests_dir / f"{e.image_id}.manifest").unlink()
         del self._entries[e.image_id]
 
     def _view(self, e: CachedImage) -> CachedImage:
@@ -300,6 +337,10 @@ class NodeCache:
             if p.name not in known:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
+        for p in self.manifests_dir.iterdir():
+            if p.name.removesuffix(".manifest") not in self._entries:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
         self._save()
 
     def _save(self) -> None:
@@ -313,6 +354,15 @@ class NodeCache:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.root / INDEX)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _eviction_key(e: CachedImage) -> tuple[float, float, float]:

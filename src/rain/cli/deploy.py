@@ -1,0 +1,251 @@
+"""`rain nodes`, `rain deploy`, `rain deployments`, `rain prefetch`, `rain instance ...`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from rain.cli.options import Json, Token, Url, client
+from rain.cli.output import err, human, out, print_json
+from rain.model.errors import RainError
+
+instance_app = typer.Typer(no_args_is_help=True, help="Instance disks on nodes.")
+
+Nodes = Annotated[str | None, typer.Option("--nodes", help="Comma-separated node names")]
+All = Annotated[bool, typer.Option("--all", help="Every node that is up")]
+Method = Annotated[str | None, typer.Option(
+    "--method", help="auto | http | tree | multicast | bittorrent | chunks")]
+
+
+def nodes(url: Url = None, token: Token = None, json: Json = False) -> None:
+    """The registered nodes: up or not, instances, cache."""
+    found = client(url, token).nodes()
+    if json:
+        print_json(found)
+        return
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("NAME", "ADDRESS", "UP", "INSTANCES", "CACHE USED", "CACHED", "IN FLIGHT",
+                "LAST HEARTBEAT"):
+        table.add_column(col, overflow="fold")
+    for n in found:
+        table.add_row(n["name"], n["address"], "yes" if n.get("up") else "NO",
+                      f"{n['running_instances']}/{n['capacity_instances']}",
+                      f"{human(n['cache_used'])} of {human(n['cache_capacity'])}",
+                      str(len(n.get("cached") or [])), str(len(n.get("in_flight") or [])),
+                      (n.get("last_heartbeat") or "")[:19].replace("T", " "))
+    out.print(table)
+
+
+def deploy(
+    image: str, node_names: Nodes = None, everyone: All = False,
+    count: Annotated[int, typer.Option("--count", "-n", help="Instances to start")] = 1,
+    method: Method = None,
+    copy: Annotated[bool, typer.Option("--copy", help="Full disk copies, not overlays")]
+    = False,
+    size: Annotated[str | None, typer.Option("--size", help="Grow each disk to, e.g. 20G")]
+    = None,
+    ephemeral: Annotated[str | None, typer.Option(
+        "--ephemeral", help="Add a sparse scratch disk of this size")] = None,
+    fanout: Annotated[int | None, typer.Option("--fanout", help="tree: children per node")]
+    = None,
+    stripes: Annotated[int | None, typer.Option(
+        "--stripes", help="tree: number of trees sharing the image (1: a single tree)")] = None,
+    encrypt: Annotated[bool, typer.Option("--encrypt", help="bittorrent: encrypted peers")]
+    = False,
+    rate: Annotated[str | None, typer.Option(
+        "--rate", help="multicast: send rate cap, e.g. 100mbit")] = None,
+    max_rate: Annotated[str | None, typer.Option(
+        "--max-rate", help="Cap each node's download, e.g. 200mbit")] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Show every node's progress")]
+    = False,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the end")] = True,
+    url: Url = None, token: Token = None, json: Json = False,
+) -> None:
+    """Start COUNT instances of IMAGE on nodes; the image moves by the best method."""
+    options = _options(copy=copy, size=size, ephemeral_size=ephemeral, fanout=fanout,
+                       stripes=stripes, encrypt=encrypt, rate=rate, max_rate=max_rate)
+    c = client(url, token)
+    dep = c.deploy(image, nodes=_names(node_names), all=everyone, count=count, method=method,
+                   options=options)
+    _finish(c, dep, follow=follow, wait=wait, json=json)
+
+
+def prefetch(image: str, node_names: Nodes = None, everyone: All = False,
+             method: Method = None,
+             max_rate: Annotated[str | None, typer.Option(
+                 "--max-rate", help="Cap each node's download, e.g. 200mbit")] = None,
+             follow: Annotated[bool, typer.Option("--follow")] = False,
+             wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True,
+             url: Url = None, token: Token = None, json: Json = False) -> None:
+    """Copy IMAGE into the nodes' caches now, so later deployments start at once."""
+    c = client(url, token)
+    dep = c.prefetch(image, nodes=_names(node_names), all=everyone, method=method,
+                     options=_options(max_rate=max_rate))
+    _finish(c, dep, follow=follow, wait=wait, json=json)
+
+
+def deployments(deployment: Annotated[str | None, typer.Argument()] = None,
+                image: Annotated[str | None, typer.Option("--image")] = None,
+                cancel: Annotated[bool, typer.Option("--cancel", help="Stop it")] = False,
+                limit: Annotated[int, typer.Option()] = 50,
+                url: Url = None, token: Token = None, json: Json = False) -> None:
+    """Your deployments, or one (with its report)."""
+    c = client(url, token)
+    if deployment:
+        dep = c.cancel_deployment(deployment) if cancel else c.deployment(deployment)
+        if json:
+            print_json(dep)
+        else:
+            _report(dep)
+        return
+    found = c.deployments(image=image, limit=limit)
+    if json:
+        print_json(found)
+        return
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("ID", "IMAGE", "STATUS", "METHOD", "NODES", "INSTANCES", "MAKESPAN", "CREATED"):
+        table.add_column(col, overflow="fold")
+    for d in found["deployments"]:
+        r = d.get("report") or {}
+        table.add_row(d["id"][:8], d["image_id"][:8], d["status"] + (" (prefetch)"
+                      if d.get("prefetch") else ""), str(r.get("method") or d["method"]),
+                      str(len(d.get("nodes") or [])), str(d["count"]),
+                      _secs(r.get("makespan_s")), (d.get("created") or "")[:19].replace("T", " "))
+    out.print(table)
+
+
+@instance_app.command("ls")
+def instance_ls(node: Annotated[str | None, typer.Option("--node")] = None,
+                deployment: Annotated[str | None, typer.Option("--deployment")] = None,
+                include_deleted: Annotated[bool, typer.Option("--all", help="Deleted too")]
+                = False,
+                url: Url = None, token: Token = None, json: Json = False) -> None:
+    """Instances you started (admins: everyone's)."""
+    found = client(url, token).instances(node=node, deployment=deployment, all=include_deleted)
+    if json:
+        print_json(found)
+        return
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("ID", "NODE", "IMAGE", "STATUS", "DISK", "OWNER", "READY"):
+        table.add_column(col, overflow="fold")
+    for i in found:
+        table.add_row(i["id"], i["node"], i["image_id"][:8], i["status"], i.get("disk") or "",
+                      i["owner"], (i.get("ready") or "")[:19].replace("T", " "))
+    out.print(table)
+
+
+@instance_app.command("rm")
+def instance_rm(instance: Annotated[list[str], typer.Argument(help="Instance ids")],
+                url: Url = None, token: Token = None, json: Json = False) -> None:
+    """Delete instances' disks on their nodes."""
+    c = client(url, token)
+    done = [c.delete_instance(i) for i in instance]
+    if json:
+        print_json(done)
+    else:
+        for i in done:
+            err.print(f"deleted {i['id']} on {i['node']}")
+
+
+# -- helpers ---------------------------------------------------------------------------
+def _names(value: str | None) -> list[str] | None:
+    return [n.strip() for n in value.split(",") if n.strip()] if value else None
+
+
+def _options(**given: Any) -> dict[str, Any]:
+    from rain.api.images import parse_size
+
+    opts: dict[str, Any] = {}
+    for key, value in given.items():
+        if value is None or value is False:
+            continue
+        if key in ("rate", "max_rate"):
+            opts[key] = parse_rate(str(value))
+        elif key in ("size", "ephemeral_size"):
+            opts[key] = parse_size(str(value))
+        else:
+            opts[key] = value
+    return opts
+
+
+def parse_rate(text: str) -> float:
+    """`100mbit`, `1gbit`, `800kbit` (bits/s) or `50MB/s` style bytes → bytes per second."""
+    t = text.strip().lower().replace(" ", "")
+    bits = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}
+    for unit, mult in bits.items():
+        if t.endswith(unit):
+            try:
+                return float(t[: -len(unit)]) * mult / 8
+            except ValueError:
+                break
+    per = {"kb/s": 1e3, "mb/s": 1e6, "gb/s": 1e9, "b/s": 1.0}
+    for unit, mult in per.items():
+        if t.endswith(unit):
+            try:
+                return float(t[: -len(unit)]) * mult
+            except ValueError:
+                break
+    raise RainError(f"bad rate {text!r}: use e.g. 100mbit, 1gbit or 50MB/s")
+
+
+def _finish(c: Any, dep: dict[str, Any], *, follow: bool, wait: bool, json: bool) -> None:
+    if not wait:
+        print_json(dep) if json else print(dep["id"])
+        return
+    shown: dict[str, str] = {}
+
+    def update(d: dict[str, Any]) -> None:
+        if not follow:
+            return
+        for name, n in sorted(((d.get("report") or {}).get("per_node") or {}).items()):
+            line = f"{name}: {n['state']} {100 * n.get('progress', 0):.0f}%"
+            if n.get("error"):
+                line += f" — {n['error']}"
+            if shown.get(name) != line:
+                shown[name] = line
+                sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    if not json and not follow:
+        err.print(f"deployment {dep['id']} started")
+    final = c.follow_deployment(dep["id"], update)
+    if json:
+        print_json({**(final.get("report") or {}), "id": final["id"],
+                    "status": final["status"], "image_id": final["image_id"],
+                    "count": final["count"], "error": final.get("error")})
+    else:
+        _report(final)
+    if final["status"] != "ready":
+        raise RainError(f"deployment {final['id']} {final['status']}: "
+                        f"{final.get('error') or 'see its report'}")
+
+
+def _report(d: dict[str, Any]) -> None:
+    r = d.get("report") or {}
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("NODE", "STATE", "SOURCE", "FETCHED", "READY", "INSTANCES", "FROM REPO",
+                "FROM PEERS", "TO PEERS", "NOTE"):
+        table.add_column(col, overflow="fold")
+    for name, n in sorted((r.get("per_node") or {}).items()):
+        note = n.get("error") or (f"fallback: {n['fallback']}" if n.get("fallback") else "")
+        if n.get("dropped"):
+            note = (note + "; " if note else "") + f"dropped {len(n['dropped'])} source(s)"
+        table.add_row(name, n["state"], n.get("source") or "", _secs(n.get("fetched_s")),
+                      _secs(n.get("ready_s")), str(len(n.get("instances") or [])),
+                      human(n.get("repo_bytes")), human(n.get("peer_bytes")),
+                      human(n.get("sent_bytes")), note)
+    out.print(table)
+    what = "prefetch" if d.get("prefetch") else f"{r.get('instances_ready', 0)} instances"
+    out.print(f"{d['status']}: {what} on {len(r.get('per_node') or {})} nodes, "
+              f"makespan {_secs(r.get('makespan_s'))} (first ready "
+              f"{_secs(r.get('first_ready_s'))}), method {r.get('method') or d['method']}"
+              f" ({r.get('method_reason') or ''}); repository sent "
+              f"{human(r.get('repo_bytes_sent'))}, nodes sent each other "
+              f"{human(r.get('peer_bytes_sent'))}")
+
+
+def _secs(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.2f} s"

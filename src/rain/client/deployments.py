@@ -1,0 +1,61 @@
+"""Client calls that start and follow deployments (mixed into `Client`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+DeploymentUpdate = Callable[[dict[str, Any]], None]
+FINISHED = ("ready", "partial", "failed", "cancelled")
+
+
+class DeployCalls:
+    def _request(self, method: str, path: str, **kw: Any) -> Any:
+        raise NotImplementedError
+
+    def deploy(self, image: str, *, nodes: list[str] | None = None, all: bool = False,
+               count: int = 1, method: str | None = None,
+               options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Start `count` instances of `image` on the named nodes (or all); returns the
+        deployment at once — `follow_deployment` waits for it."""
+        body: dict[str, Any] = {"image": image, "count": count, "all": all,
+                                "options": options or {}}
+        if nodes:
+            body["nodes"] = nodes
+        if method:
+            body["method"] = method
+        return dict(self._request("POST", "/v1/deployments", json=body))
+
+    def prefetch(self, image: str, *, nodes: list[str] | None = None, all: bool = False,
+                 method: str | None = None,
+                 options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Copy `image` into the nodes' caches without starting anything."""
+        body: dict[str, Any] = {"image": image, "prefetch": True, "all": all,
+                                "options": options or {}}
+        if nodes:
+            body["nodes"] = nodes
+        if method:
+            body["method"] = method
+        return dict(self._request("POST", "/v1/deployments", json=body))
+
+    def cancel_deployment(self, deployment_id: str) -> dict[str, Any]:
+        return dict(self._request("POST", f"/v1/deployments/{deployment_id}/cancel"))
+
+    def delete_instance(self, instance_id: str) -> dict[str, Any]:
+        return dict(self._request("DELETE", f"/v1/instances/{instance_id}"))
+
+    def follow_deployment(self, deployment_id: str, on_update: DeploymentUpdate | None = None,
+                          *, interval: float = 0.5,
+                          timeout: float | None = None) -> dict[str, Any]:
+        """Poll until the deployment is over; `on_update` sees every answer."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            dep = dict(self._request("GET", f"/v1/deployments/{deployment_id}"))
+            if on_update is not None:
+                on_update(dep)
+            if dep["status"] in FINISHED:
+                return dep
+            if deadline is not None and time.monotonic() > deadline:
+                return dep
+            time.sleep(interval)

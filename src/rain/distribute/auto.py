@@ -1,0 +1,42 @@
+"""`--method auto`: pick a transfer method from what the deployment's nodes already hold.
+
+The rule, from the measurements in docs/benchmarks.md:
+
+1. Nothing to move (every node caches the image): `cache`.
+2. Every node that lacks the image already holds most of its data in other
+   cached images (a derived image over a cached base): `chunks` moves only
+   the difference.
+3. One node: `http` — there is nobody to share with.
+4. More nodes: `bittorrent` when libtorrent is installed, else `tree`: both
+   use every node's upload, so the time stays near one image's transfer
+   time whatever the number of nodes, where http grows with it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Sequence
+
+from rain.model import TransferMethod
+
+CHUNKS_OVERLAP = 0.5  # fraction of the image's data a node must already hold
+
+
+def choose_method(
+    requested: str, need: Sequence[str], overlap: Callable[[str], float]
+) -> tuple[str, str]:
+    """(method, why) for the nodes in `need`; `overlap(node)` is the fraction of the
+    image's data bytes that node already holds in its cache."""
+    if requested != TransferMethod.AUTO:
+        return requested, "asked for"
+    if not need:
+        return str(TransferMethod.CACHE), "every node caches the image"
+    least = min(overlap(n) for n in need)
+    if least >= CHUNKS_OVERLAP:
+        return str(TransferMethod.CHUNKS), (f"every node lacking the image holds at least "
+                                            f"{least:.0%} of its data already")
+    if len(need) == 1:
+        return str(TransferMethod.HTTP), "one node: nobody to share with"
+    if importlib.util.find_spec("libtorrent") is not None:
+        return str(TransferMethod.BITTORRENT), f"{len(need)} nodes share the upload"
+    return str(TransferMethod.TREE), f"{len(need)} nodes share the upload (no libtorrent)"
