@@ -9,7 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
-from rain.cli import builds
+from rain.cli import agent as agent_cmd
+from rain.cli import builds, testbed
+from rain.cli import deploy as deploy_cmd
 from rain.cli.options import DataDir, Db, Json, Token, Url, client
 from rain.cli.output import (
     err,
@@ -27,6 +29,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="rain: build, store, share and deploy virtual machine images.")
 admin_app = typer.Typer(no_args_is_help=True, help="Repository administration (direct access).")
 app.add_typer(admin_app, name="admin")
+app.add_typer(testbed.app, name="testbed")
 
 
 
@@ -59,6 +62,9 @@ def serve(host: Annotated[str | None, typer.Option(help="Listen address")] = Non
           data_dir: DataDir = None, db: Db = None,
           server: Annotated[str, typer.Option(
               help="native (default) | uvicorn (pure ASGI, slower transfers)")] = "native",
+          tls_cert: Annotated[Path | None, typer.Option(
+              "--tls-cert", help="PEM certificate: serve HTTPS")] = None,
+          tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM key")] = None,
           ) -> None:
     """Run the repository service."""
     from rain.api.server import run
@@ -75,7 +81,12 @@ def serve(host: Annotated[str | None, typer.Option(help="Listen address")] = Non
         print(token, flush=True)
     host = host or cfg.server.host
     port = port or cfg.server.port
-    err.print(f"rain serving on http://{host}:{port} (data: {cfg.data_dir}, catalog: "
+    if tls_cert or tls_key:
+        if not (tls_cert and tls_key):
+            raise RainError("give both --tls-cert and --tls-key")
+        cfg.server.tls_cert, cfg.server.tls_key = str(tls_cert), str(tls_key)
+    scheme = "https" if cfg.server.tls_cert else "http"
+    err.print(f"rain serving on {scheme}://{host}:{port} (data: {cfg.data_dir}, catalog: "
               f"{cfg.db_url.split('@')[-1]})")
     repo.close()
     run(cfg, host, port, server)
@@ -346,6 +357,12 @@ def whoami(url: Url = None, token: Token = None, json: Json = False) -> None:
     print_json(me) if json else out.print(f"{me['name']}{' (admin)' if me['admin'] else ''}")
 
 
+app.command()(agent_cmd.agent)
+app.command()(deploy_cmd.nodes)
+app.command()(deploy_cmd.deploy)
+app.command()(deploy_cmd.deployments)
+app.command()(deploy_cmd.prefetch)
+app.add_typer(deploy_cmd.instance_app, name="instance")
 app.command()(builds.build)
 app.command("builds")(builds.builds)
 app.command("cancel-build")(builds.cancel)
