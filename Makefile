@@ -8,10 +8,11 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8480
 
-# Debian packages: the tools rain drives (qemu-img, mke2fs, debootstrap, sfdisk, and
-# qemu-system for boot tests). The test suite also needs a PostgreSQL server to run the
-# catalog tests against.
-RUN_DEBS  := qemu-utils e2fsprogs openssl debootstrap fdisk qemu-system-x86
+# Debian packages: the tools rain drives (qemu-img, mke2fs, debootstrap, sfdisk,
+# qemu-system for boot tests, udpcast for multicast deployments, iproute2 for the
+# testbed's namespaces and tc). The test suite also needs a PostgreSQL server to run
+# the catalog tests against.
+RUN_DEBS  := qemu-utils e2fsprogs openssl debootstrap fdisk qemu-system-x86 udpcast iproute2
 TEST_DEBS := $(RUN_DEBS) postgresql
 
 .PHONY: run test lint deps-run deps-test venv clean bench

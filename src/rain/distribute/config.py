@@ -6,7 +6,9 @@ only assembles them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from rain.distribute.methods.multicast import MulticastConfig
 
 GiB = 1 << 30
 
@@ -25,6 +27,7 @@ class DistributeConfig:
     stall_seconds: float = 120.0
     # CA bundle to verify agents that serve HTTPS (private certificates); empty: system CAs.
     agent_ca: str = ""
+    multicast: MulticastConfig = field(default_factory=MulticastConfig)
 
 
 @dataclass
