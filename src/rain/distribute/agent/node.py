@@ -20,6 +20,7 @@ from rain.distribute.agent.config import AgentConfig
 from rain.distribute.agent.server import AgentHTTPServer
 from rain.distribute.agent.transfers import DONE, FETCHING, FetchRequest, Transfers
 from rain.distribute.cache import NodeCache, check_id
+from rain.distribute.chunkindex import ChunkIndex
 from rain.distribute.instances import Instances
 from rain.distribute.partial import PartialImage
 from rain.distribute.source import TransferStats
@@ -45,7 +46,9 @@ class Agent:
         self.context = _client_context(config)
         self.host = ""
         self.address = config.advertise.rstrip("/")
-        self.chunks = _chunk_index(self.cache)
+        # Chunks by digest over the cached images (and transfers in flight), for the
+        # chunks method and peers; it follows evictions by itself.
+        self.chunks = ChunkIndex(self.cache)
         self.transfers: Transfers | None = None
         self._peer_tokens: dict[str, float] = {}
         self._served: dict[str, PartialImage] = {}
@@ -177,9 +180,11 @@ class Agent:
         return None if t is None else t.stats
 
     def _on_cached(self, image_id: str, path: Path) -> None:
-        if self.chunks is not None:
-            with contextlib.suppress(Exception):
-                self.chunks.add_image(image_id)
+        self.chunks.add_image(image_id)
+
+    def evict(self, image_id: str) -> None:
+        self.cache.evict(image_id)
+        self.chunks.remove_image(image_id)
 
     # -- peers ---------------------------------------------------------------------
     def peer_token_ok(self, token: str) -> bool:
@@ -209,15 +214,8 @@ class Agent:
             return served
 
     def chunk_by_digest(self, digest: bytes) -> bytes | None:
-        if self.chunks is None:
-            return None
-        found = self.chunks.find(digest)
-        if found is None:
-            return None
-        path, offset, length = found
-        with open(path, "rb") as f:
-            data = os.pread(f.fileno(), length, offset)
-        return data if len(data) == length else None
+        """A chunk this node holds, checked against its digest before it goes out."""
+        return self.chunks.read(digest)
 
     # -- instances and cache --------------------------------------------------------------
     def create_instances(self, items: list[Any]) -> list[dict[str, Any]]:
@@ -291,10 +289,3 @@ def _client_context(config: AgentConfig) -> ssl.SSLContext | None:
     return ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
 
 
-def _chunk_index(cache: NodeCache) -> Any:
-    """The node's index of chunks by digest (rain.distribute.chunkindex), if available."""
-    try:
-        from rain.distribute.chunkindex import ChunkIndex
-    except ImportError:
-        return None
-    return ChunkIndex(cache)

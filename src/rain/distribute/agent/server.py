@@ -202,7 +202,7 @@ class AgentHandler(BaseHTTPRequestHandler):
 
     def _cache_evict(self, image_id: str, query: dict[str, list[str]]) -> None:
         self._control()
-        self.agent.cache.evict(image_id)
+        self.agent.evict(image_id)
         self._json({"evicted": image_id})
 
     # -- peers -------------------------------------------------------------------
