@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,7 +137,8 @@ class AgentProc:
 
 
 def start_agent(server: Server, name: str, root: Path, *, capacity: int = 8,
-                cache_size: str = "1G", extra: tuple[str, ...] = ()) -> AgentProc:
+                cache_size: str = "1G", extra: tuple[str, ...] = (),
+                verify: Any = True) -> AgentProc:
     """A real `rain agent` process on 127.0.0.1, registered with `server`."""
     import time
 
@@ -159,7 +161,7 @@ def start_agent(server: Server, name: str, root: Path, *, capacity: int = 8,
         if proc.poll() is not None:
             raise RuntimeError(f"rain agent {name} exited: {log.read_text()}")
         try:
-            nodes = httpx.get(f"{server.url}/v1/nodes", timeout=2,
+            nodes = httpx.get(f"{server.url}/v1/nodes", timeout=2, verify=verify,
                               headers={"Authorization": f"Bearer {server.token}"}).json()
             if any(n["name"] == name and n["up"] for n in nodes["nodes"]):
                 return agent

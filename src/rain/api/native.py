@@ -284,7 +284,13 @@ class RainHandler(BaseHTTPRequestHandler):
         deployment = self.headers.get("X-Rain-Deployment") or \
             (query.get("deployment") or [""])[0]
         count = None
-        if deployment and coordinator is not None:
+        # A running deployment's transfers are counted for its report and logged as one
+        # usage record per node by the coordinator, not one per Range request.
+        tracked = bool(deployment) and coordinator is not None and \
+            coordinator.is_running(deployment)
+        if tracked:
+            assert coordinator is not None
+
             def count(n: int) -> None:
                 coordinator.count_bytes(deployment, n)
         d = self.repo.open_download(viewer, ref, _format(query.get("format")))
@@ -315,7 +321,8 @@ class RainHandler(BaseHTTPRequestHandler):
                 if sent + len(block) == end - start:
                     # Recorded before the last block leaves: a client holding the whole
                     # image also finds the pull in the usage log.
-                    self.repo.record_pull(viewer, d.image, end - start, fresh=start == 0)
+                    if not tracked:
+                        self.repo.record_pull(viewer, d.image, end - start, fresh=start == 0)
                     sent = -1
                 self.wfile.write(block)
                 if count is not None:
@@ -326,7 +333,7 @@ class RainHandler(BaseHTTPRequestHandler):
             log.error("download of %s stopped: %s", d.image.id, exc.message)
             self.close_connection = True
         finally:
-            if sent > 0:
+            if sent > 0 and not tracked:
                 self.repo.record_pull(viewer, d.image, sent, fresh=False)
 
     def _download_sparse(self, viewer: User | None, d: Download, headers: dict[str, str],

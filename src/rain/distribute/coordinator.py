@@ -165,6 +165,10 @@ class Coordinator:
             if deployment_id in self._runs:
                 self._bytes[deployment_id] = self._bytes.get(deployment_id, 0) + n
 
+    def is_running(self, deployment_id: str) -> bool:
+        with self._lock:
+            return deployment_id in self._runs
+
     def http_bytes(self, deployment_id: str) -> int:
         with self._lock:
             return self._bytes.get(deployment_id, 0)
@@ -341,6 +345,13 @@ class DeploymentRun:
             raise RainError(status.get("error") or f"transfer {status.get('state')}")
         p.progress = 1.0
         p.fetched_s = self.elapsed()
+        # One usage record per node and deployment (its Range requests are not logged).
+        with contextlib.suppress(Exception):
+            self.side.repo.catalog.record_usage(
+                self.image.id, self.viewer.id, "deploy",
+                int(p.stats.get("repo_bytes", 0)) + int(p.stats.get("peer_bytes", 0)),
+                utcnow())
+            self.side.repo.catalog.record_access(self.image.id, utcnow())
 
     def _instances(self, agent: AgentClient, p: NodeProgress) -> None:
         p.state = "creating"
