@@ -73,7 +73,7 @@ def create_deployment(r: Repo, user: Viewer, c: Coord,
     count = _count(body.get("count", 0 if prefetch else 1), prefetch)
     method = _method(body.get("method") or c.side.config.default_method)
     options = _options(body.get("options") or {})
-    states = _with_in_flight(r.node_states(), c.in_flight())
+    states = _current(r.node_states(), c.in_flight(), r.catalog.live_instance_counts())
     targets = _targets(states, body.get("nodes"), bool(body.get("all", False)))
     if prefetch:
         down = [s.name for s in states if s.name in targets and not s.up]
@@ -173,8 +173,11 @@ def _targets(states: list[NodeState], nodes: Any, everyone: bool) -> set[str]:
     return {str(n) for n in nodes}
 
 
-def _with_in_flight(states: list[NodeState], in_flight: dict[str, set[str]]) -> list[NodeState]:
-    """What the agents reported, plus what this server is sending them right now (their
-    next heartbeat would say so; the scheduler should know it already)."""
-    return [replace(s, in_flight=s.in_flight | frozenset(in_flight.get(s.name, ())))
+def _current(states: list[NodeState], in_flight: dict[str, set[str]],
+             instances: dict[str, int]) -> list[NodeState]:
+    """What the agents last reported, brought up to date with what this server knows
+    already and their next heartbeat would say: images it is sending them right now,
+    and the instances it has made or removed there."""
+    return [replace(s, in_flight=s.in_flight | frozenset(in_flight.get(s.name, ())),
+                    running_instances=instances.get(s.name, 0))
             for s in states]

@@ -189,6 +189,15 @@ class DeploymentCatalog:
             rows = s.scalars(stmt.order_by(InstanceRow.created, InstanceRow.id)).all()
             return [instance_model(r) for r in rows]
 
+    def live_instance_counts(self) -> dict[str, int]:
+        """Instances being made or ready, per node: what the repository itself has put there
+        (heartbeats say the same, but only every few seconds)."""
+        live = [str(InstanceStatus.CREATING), str(InstanceStatus.READY)]
+        stmt = (select(InstanceRow.node, func.count()).where(InstanceRow.status.in_(live))
+                .group_by(InstanceRow.node))
+        with self.db.session() as s:
+            return {str(node): int(n) for node, n in s.execute(stmt).all()}
+
     @staticmethod
     def _deployment_row(s: Session, deployment_id: str) -> DeploymentRow:
         row = s.get(DeploymentRow, deployment_id)
