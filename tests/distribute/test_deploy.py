@@ -191,3 +191,29 @@ def _up(url: str, ca: Path) -> bool:
                          timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_slots_count_at_once(prefetching: tuple[Server, list[AgentProc]],
+                             tmp_path: Path) -> None:
+    """The scheduler counts the instances it made or removed before the node's next
+    heartbeat says so (this agent reports only every 30 s): no overcommit, no stale refusal."""
+    from rain.model.errors import Conflict
+
+    server, _ = prefetching
+    slow = start_agent(server, "slowbeat", tmp_path / "slow", capacity=2,
+                       extra=("--heartbeat", "30"))
+    try:
+        with Client(server.url, server.token) as c:
+            image = push(c, tmp_path, "slots")
+            for _ in range(2):
+                dep = c.follow_deployment(c.deploy(image["id"], nodes=["slowbeat"],
+                                                   count=2)["id"], timeout=60)
+                assert dep["status"] == "ready", dep
+                # Full now, though the node's last report still says 0 running.
+                assert c.node("slowbeat")["running_instances"] == 0
+                with pytest.raises(Conflict, match="not enough capacity"):
+                    c.deploy(image["id"], nodes=["slowbeat"], count=1)
+                for inst in c.instances(deployment=dep["id"]):
+                    c.delete_instance(inst["id"])
+    finally:
+        stop_agent(slow)
