@@ -155,7 +155,7 @@ def test_tls_between_repository_agents_and_client(tmp_path: Path) -> None:
                              "--tls-cert", str(cert), "--tls-key", str(key)], stdout=log,
                             stderr=log, env=env, start_new_session=True)
     url = f"https://127.0.0.1:{port}"
-    agent = None
+    agents: list[AgentProc] = []
     try:
         assert wait_for(lambda: _up(url, ca), 30), (data / "server.log").read_text()
         token = (data / "admin.token").read_text().strip()
@@ -163,23 +163,28 @@ def test_tls_between_repository_agents_and_client(tmp_path: Path) -> None:
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=3)
         server = Server(url, token, data, proc, data / "server.log")
-        agent = start_agent(server, "t1", tmp_path / "agents", extra=(
-            "--ca", str(ca), "--tls-cert", str(cert), "--tls-key", str(key)),
-            verify=ssl.create_default_context(cafile=str(ca)))
-        assert agent.url.startswith("http://")  # start_agent's guess; the node says https
+        for name in ("t1", "t2"):
+            agents.append(start_agent(
+                server, name, tmp_path / "agents", capacity=1,
+                extra=("--ca", str(ca), "--tls-cert", str(cert), "--tls-key", str(key)),
+                verify=ssl.create_default_context(cafile=str(ca))))
         with Client(url, token, ca=str(ca)) as c:
             assert c.node("t1")["address"].startswith("https://")
             image = push(c, tmp_path, "secret")
-            dep = c.follow_deployment(c.deploy(image["id"], nodes=["t1"], count=1,
-                                               method="http")["id"], timeout=60)
+            # A tree: the nodes also read from each other over HTTPS.
+            dep = c.follow_deployment(c.deploy(image["id"], nodes=["t1", "t2"], count=2,
+                                               method="tree")["id"], timeout=60)
         assert dep["status"] == "ready", dep
-        copy = agent.cache_dir / "cache" / "images" / f"{image['id']}.raw"
-        assert copy.read_bytes() == (tmp_path / "secret.raw").read_bytes()
+        assert dep["report"]["peer_bytes_received"] > 0
+        for agent in agents:
+            copy = agent.cache_dir / "cache" / "images" / f"{image['id']}.raw"
+            assert copy.read_bytes() == (tmp_path / "secret.raw").read_bytes()
+            assert not dep["report"]["per_node"][agent.name]["fallback"]
         # Without the CA the client refuses the server's certificate.
         with Client(url, token) as c, pytest.raises(Exception, match="certificate"):
             c.nodes()
     finally:
-        if agent is not None:
+        for agent in agents:
             stop_agent(agent)
         stop_server(proc)
         log.close()

@@ -159,7 +159,7 @@ class _Peers:
         conns: dict[str, tuple[http.client.HTTPConnection, str]] = \
             self._local.__dict__.setdefault("conns", {})
         if peer.name not in conns:
-            conns[peer.name] = connect(peer.url, self.timeout)
+            conns[peer.name] = connect(peer.url, self.timeout, self.ctx.repo.context)
             with self._lock:
                 self._all.append(conns[peer.name][0])
         conn, prefix = conns[peer.name]

@@ -374,7 +374,7 @@ class _StripeFetch:
             return
         start = todo[0]
         expected = [i for i in mine if i >= start]
-        conn, prefix = connect(source.url, self.stall)
+        conn, prefix = connect(source.url, self.stall, self.ctx.repo.context)
         socks: list[socket.socket] = []
         resp: http.client.HTTPResponse | None = None
         try:
