@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from rain import __version__
-from rain.api import builds, deployments, errors, images, misc, nodes
+from rain.api import builds, deployments, errors, images, misc, nodes, tracker
 from rain.build.jobs import BuildQueue
 from rain.distribute.config import DistributeConfig
 from rain.distribute.coordinator import Coordinator
@@ -39,4 +39,5 @@ def create_app(repository: Repository, build_queue: BuildQueue | None = None,
     app.include_router(misc.router)
     app.include_router(nodes.router)
     app.include_router(deployments.router)
+    app.include_router(tracker.router)
     return app

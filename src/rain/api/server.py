@@ -21,6 +21,7 @@ from rain.api.app import create_app
 from rain.api.prefetch import Prefetcher
 from rain.build.jobs import BuildQueue, load_runner
 from rain.config import Config
+from rain.distribute.bittorrent.torrent import torrent_on_activate
 from rain.distribute.coordinator import Coordinator
 from rain.distribute.methods.base import RepoSide
 from rain.model import Image
@@ -73,12 +74,9 @@ def start_distribution(repo: Repository, cfg: Config, host: str,
 
 
 def activation_hooks(repo: Repository, cfg: Config) -> list[Callable[[Image], None]]:
-    """What runs when an image becomes active: the BitTorrent method makes its torrent."""
-    try:
-        from rain.distribute.methods.bittorrent import torrent_on_activate
-    except ImportError:  # no libtorrent: the method is unavailable, nothing to prepare
-        return []
-    return [torrent_on_activate(repo)]
+    """What runs when an image becomes active: the BitTorrent method's torrent is made
+    (in a thread of its own; making it needs no libtorrent)."""
+    return [torrent_on_activate(repo, cfg.distribute.bittorrent)]
 
 
 def tls_context(cfg: Config) -> ssl.SSLContext | None:

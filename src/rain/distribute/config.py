@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rain.distribute.bittorrent.config import BitTorrentConfig
 from rain.distribute.methods.multicast import MulticastConfig
 
 GiB = 1 << 30
@@ -28,6 +29,7 @@ class DistributeConfig:
     # CA bundle to verify agents that serve HTTPS (private certificates); empty: system CAs.
     agent_ca: str = ""
     multicast: MulticastConfig = field(default_factory=MulticastConfig)
+    bittorrent: BitTorrentConfig = field(default_factory=BitTorrentConfig)
 
 
 @dataclass

@@ -178,6 +178,13 @@ class Coordinator:
             run.cancel.set()
         for run in self.running():
             run.done.wait(10)
+        with self.side.lock:
+            services = list(self.side.services.values())
+        for service in services:  # e.g. the BitTorrent seeder's sessions
+            close = getattr(service, "close", None)
+            if callable(close):
+                with contextlib.suppress(Exception):
+                    close()
 
     def _finished(self, run: DeploymentRun) -> None:
         with self._lock:
@@ -221,6 +228,7 @@ class DeploymentRun:
         repo = self.side.repo
         job: DeploymentJob | None = None
         method = None
+        stack = contextlib.ExitStack()
         try:
             states = {s.name: s for s in repo.node_states()}
             for name, p in self.nodes.items():
@@ -233,6 +241,8 @@ class DeploymentRun:
             if manifest_id is None:
                 raise RainError(f"image {self.image.id} has no stored data")
             manifest = repo.store.get_manifest(manifest_id)
+            # A seed file made for this deployment stays while it runs.
+            stack.enter_context(self.c.seeds.use(manifest.sha256))
             self.chosen, self.why = choose_method(
                 self.method, need, lambda n: _overlap(repo, manifest, states.get(n)))
             if need:
@@ -274,6 +284,7 @@ class DeploymentRun:
                                   self.chosen)
                 shutil.rmtree(job.workdir, ignore_errors=True)
             self._release()
+            stack.close()
             self._save(final=True)
             self.c._finished(self)
             self.done.set()
