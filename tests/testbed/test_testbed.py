@@ -181,3 +181,32 @@ def test_unknown_node(tb: Testbed) -> None:
     with pytest.raises(InvalidRequest):
         tb.exec("n09", ["true"])
 
+
+
+def test_jumbo_frames_on_every_link(tmp_path: Path) -> None:
+    from tests.testbed.conftest import unique_name
+
+    with pytest.raises(InvalidRequest, match="bad mtu"):
+        Testbed(unique_name(), nodes=1, rate="50mbit", mtu=100)
+    jumbo = Testbed(unique_name(), nodes=2, rate="50mbit", data_dir=tmp_path, agents=False,
+                    mtu=9000)
+    try:
+        jumbo.up()
+        assert jumbo.describe()["mtu"] == 9000
+        for ns in [jumbo.repo.namespace, *(n.namespace for n in jumbo.nodes)]:
+            eth0 = ip_json("-n", ns, "link", "show", "eth0")[0]
+            assert eth0["mtu"] == 9000
+        switch = [link for link in ip_json("-n", jumbo.describe()["switch"], "link", "show")
+                  if link["ifname"] != "lo"]
+        assert switch and all(link["mtu"] == 9000 for link in switch)
+        # A 8000-byte datagram crosses without fragmentation (DF set): the path takes it.
+        node = jumbo.nodes[0]
+        ping = jumbo.exec(node.name, [sys.executable, "-c",
+                                      "import socket;s=socket.socket(socket.AF_INET,"
+                                      "socket.SOCK_DGRAM);s.setsockopt(socket.IPPROTO_IP,10,2);"
+                                      f"s.sendto(b'x'*8000,('{jumbo.nodes[1].address}',9));"
+                                      "print('sent')"], check=False)
+        assert ping.returncode == 0 and b"sent" in ping.stdout
+    finally:
+        jumbo.down()
+        assert leftovers(jumbo.name) == []

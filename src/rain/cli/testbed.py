@@ -35,6 +35,9 @@ def up(nodes: Annotated[int, typer.Option("--nodes", help="Number of compute nod
        = None,
        repo_rate: Annotated[str | None, typer.Option(
            "--repo-rate", help="The repository's link [default: --rate]")] = None,
+       mtu: Annotated[int, typer.Option(
+           "--mtu", help="Every link's MTU (9000: jumbo frames, much less CPU per byte)")]
+       = 1500,
        name: Name = DEFAULT_NAME, data_dir: TestbedDir = None,
        cache_size: Annotated[str, typer.Option(help="Each agent's cache size")] = "8G",
        capacity: Annotated[int, typer.Option(help="Instances per node")] = 8,
@@ -50,7 +53,7 @@ def up(nodes: Annotated[int, typer.Option("--nodes", help="Number of compute nod
            help="Seconds to wait for the repository and for each agent")] = 60.0,
        json: Json = False) -> None:
     """Create the namespaces and links, start the repository and the agents."""
-    tb = Testbed(name, nodes, rate, data_dir, repo_rate=repo_rate, latency=latency,
+    tb = Testbed(name, nodes, rate, data_dir, repo_rate=repo_rate, latency=latency, mtu=mtu,
                  cache_size=cache_size, capacity=capacity, agents=agents,
                  server_args=server_arg or [], agent_args=agent_arg or [], slot=slot,
                  timeout=timeout)
@@ -64,6 +67,8 @@ def up(nodes: Annotated[int, typer.Option("--nodes", help="Number of compute nod
         shaped += f", repository {info['repo_rate']}"
     if info["latency"]:
         shaped += f", +{info['latency']} one way"
+    if info["mtu"] != 1500:
+        shaped += f", MTU {info['mtu']}"
     err.print(f"testbed {name} is up: {nodes} nodes{'' if agents else ' (no agents)'}, "
               f"{shaped}; data in {info['data_dir']}", markup=False, highlight=False)
     _show(info)

@@ -96,6 +96,9 @@ class Batch:
     def up(self, dev: str) -> Batch:
         return self._ip("link", "set", dev, "up")
 
+    def mtu(self, dev: str, mtu: int) -> Batch:
+        return self._ip("link", "set", dev, "mtu", str(mtu))
+
     def add_address(self, dev: str, cidr: str) -> Batch:
         return self._ip("address", "add", cidr, "dev", dev)
 

@@ -72,8 +72,13 @@ def claim(name: str, nodes: int, slot: int | None) -> Plan:
     return make_plan(name, nodes, slot)
 
 
-def build(plan: Plan, rate: int, repo_rate: int, latency: float | None) -> None:
-    """Create everything in `plan`; on error the caller removes it by name."""
+def build(plan: Plan, rate: int, repo_rate: int, latency: float | None,
+          mtu: int = 1500) -> None:
+    """Create everything in `plan`; on error the caller removes it by name.
+
+    `mtu` applies to every link: 9000 (jumbo frames, usual in HPC clusters) cuts the
+    kernel's per-packet work, which is most of what emulating many hosts on one
+    machine costs."""
     node_shaping, repo_shaping = Shaping.for_rate(rate), Shaping.for_rate(repo_rate)
     fair = net.FairQueue("dst", fair_buckets(len(plan.nodes)), (plan.repo.address,))
     net.Batch().add_netns(plan.switch).run()
@@ -91,7 +96,8 @@ def build(plan: Plan, rate: int, repo_rate: int, latency: float | None) -> None:
             list(pool.map(lambda ns: net.sysctl_in(ns, _NO_IPV6), plan.namespaces))
         switch = net.Batch(plan.switch).up("lo")
         switch.add_bridge(Plan.BRIDGE).up(Plan.BRIDGE)
-        switch.set_master(Plan.HOST_PORT, Plan.BRIDGE).up(Plan.HOST_PORT)
+        switch.mtu(Plan.HOST_PORT, mtu).set_master(Plan.HOST_PORT, Plan.BRIDGE)
+        switch.up(Plan.HOST_PORT)
         for host in plan.hosts:
             shaping = repo_shaping if host is plan.repo else node_shaping
             switch.add_veth(host.port, Plan.IFACE, host.namespace)
@@ -100,6 +106,8 @@ def build(plan: Plan, rate: int, repo_rate: int, latency: float | None) -> None:
             switch.set_master(host.port, host.link_bridge)
             switch.set_master(host.upload_dev, host.link_bridge)
             switch.set_master(host.download_dev, Plan.BRIDGE)
+            for dev in (host.port, host.upload_dev, host.download_dev, host.link_bridge):
+                switch.mtu(dev, mtu)
             for dev in (host.link_bridge, host.port, host.upload_dev, host.download_dev):
                 switch.up(dev)
             # Upload: per-destination fair queues, as a host's own fq would
@@ -112,10 +120,12 @@ def build(plan: Plan, rate: int, repo_rate: int, latency: float | None) -> None:
         batches = []
         for host in plan.hosts:
             b = net.Batch(host.namespace).up("lo")
+            b.mtu(Plan.IFACE, mtu)
             b.add_address(Plan.IFACE, f"{host.address}/{SLOT_PREFIX}").up(Plan.IFACE)
             b.add_route("224.0.0.0/4", Plan.IFACE)  # multicast senders need a route
             batches.append(b)
         list(pool.map(net.Batch.run, batches))
     link = net.Batch()
+    link.mtu(plan.host_link, mtu)
     link.add_address(plan.host_link, f"{plan.host_address}/{SLOT_PREFIX}").up(plan.host_link)
     link.run()

@@ -82,7 +82,8 @@ class Testbed:
 
     def __init__(self, name: str = DEFAULT_NAME, nodes: int = 3, rate: str | int = "1gbit",
                  data_dir: str | Path | None = None, *, repo_rate: str | int | None = None,
-                 latency: str | None = None, cache_size: str = "8G", capacity: int = 8,
+                 latency: str | None = None, mtu: int = 1500, cache_size: str = "8G",
+                 capacity: int = 8,
                  agents: bool = True, server_args: Sequence[str] = (),
                  agent_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
                  slot: int | None = None, timeout: float = 60.0) -> None:
@@ -91,6 +92,9 @@ class Testbed:
         self.rate = parse_rate(rate)
         self.repo_rate = parse_rate(repo_rate) if repo_rate is not None else self.rate
         self.latency = parse_delay(latency) if latency else None
+        if not 576 <= mtu <= 65535:
+            raise InvalidRequest(f"bad mtu {mtu}: use 576 to 65535 (9000: jumbo frames)")
+        self.mtu = mtu
         if capacity < 1:
             raise InvalidRequest(f"bad capacity {capacity}: must be at least 1")
         if slot is not None:
@@ -149,7 +153,7 @@ class Testbed:
                 self.plan = network.claim(self.name, self.node_count, self.slot)
                 try:
                     self._write_state("creating")
-                    network.build(self.plan, self.rate, self.repo_rate, self.latency)
+                    network.build(self.plan, self.rate, self.repo_rate, self.latency, self.mtu)
                 except BaseException:
                     self.down()
                     raise
@@ -190,7 +194,8 @@ class Testbed:
             raise NotFound(f"no testbed state in {path}") from None
         tb = cls(state["name"], len(state["nodes"]), state["rate_bps"], state["data_dir"],
                  repo_rate=state["repo_rate_bps"], latency=state.get("latency"),
-                 cache_size=state["cache_size"], capacity=state["capacity"],
+                 mtu=int(state.get("mtu", 1500)), cache_size=state["cache_size"],
+                 capacity=state["capacity"],
                  agents=state["agents"], server_args=state["server_args"],
                  agent_args=state["agent_args"], slot=state["slot"])
         tb.plan = make_plan(tb.name, tb.node_count, state["slot"])
@@ -208,6 +213,7 @@ class Testbed:
             "rate": format_rate(self.rate), "rate_bps": self.rate,
             "repo_rate": format_rate(self.repo_rate), "repo_rate_bps": self.repo_rate,
             "latency": f"{self.latency * 1e3:g}ms" if self.latency else None,
+            "mtu": self.mtu,
             "repo": _host_dict(plan.repo),
             "nodes": [_host_dict(n) for n in plan.nodes],
             "data_dir": str(self.data_dir), "cache_size": self.cache_size,
