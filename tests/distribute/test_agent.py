@@ -211,3 +211,29 @@ def test_cli_deploy_json_and_nodes(server: Server, agents: list[AgentProc],
     assert bad.returncode == 1 and bad.stderr.strip() == "rain: error: no such node: ghost"
     listed = run_cli("instance", "ls", "--json", env=server.env()).stdout
     assert any(i["image_id"] == image["id"] for i in json.loads(listed))
+
+
+def test_tree_deployment_relays_between_agents(server: Server, agents: list[AgentProc],
+                                               tmp_path: Path) -> None:
+    """Real agents relay a striped tree to each other (their stripe endpoint sends chunks
+    straight from the page cache); every copy is exact and nobody fell back."""
+    with Client(server.url, server.token) as c:
+        for inst in c.instances():  # free every slot: the tree must span all three nodes
+            if inst["node"] in ("a1", "a2", "a3"):
+                c.delete_instance(inst["id"])
+        image, path = push(c, tmp_path, "treed", size=12 << 20)
+        dep = c.follow_deployment(c.deploy(image["id"], nodes=["a1", "a2", "a3"], count=12,
+                                           method="tree")["id"], timeout=120)
+    assert dep["status"] == "ready", dep
+    r = dep["report"]
+    assert r["method"] == "tree" and r["peer_bytes_received"] > 0
+    assert r["peer_bytes_sent"] == r["peer_bytes_received"]
+    data = manifest_of_file(path)
+    data_bytes = sum(data.chunk_length(i) for i, d in enumerate(data.chunks) if any(d))
+    assert r["repo_bytes_sent"] == data_bytes  # each stripe left the repository once
+    for a in agents:
+        assert cached_file(a, image["id"]).read_bytes() == path.read_bytes()
+        assert not r["per_node"][a.name]["fallback"] and not r["per_node"][a.name]["dropped"]
+    with Client(server.url, server.token) as c:
+        for inst in c.instances(deployment=dep["id"]):
+            c.delete_instance(inst["id"])

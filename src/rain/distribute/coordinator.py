@@ -398,13 +398,17 @@ class DeploymentRun:
                             f"{failed[0]}")
 
     def _release(self) -> None:
-        """Nodes stop serving the image to peers (seeding, relays) once everyone has it."""
+        """Nodes stop serving the image to peers (seeding, relays) once everyone has it;
+        their final counts say what they sent to the others after their own copy was
+        complete."""
         def one(name: str) -> None:
             with contextlib.suppress(Exception):
                 address, key = self.side.repo.agent_endpoint(name)
                 with AgentClient(name, address, key, timeout=10,
                                  context=self.c.agent_context) as agent:
-                    agent.release(self.image.id)
+                    final = agent.release(self.image.id)
+                if final.get("deployment") == self.deployment.id and final.get("stats"):
+                    self.nodes[name].stats = dict(final["stats"])
 
         names = [n for n, p in self.nodes.items() if p.needs_image]
         with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:

@@ -232,7 +232,8 @@ class AgentHandler(BaseHTTPRequestHandler):
                 stats.add("sent_bytes", n)
 
         try:
-            serve_stripe(partial, stripe, of, start, self.wfile.write, on_sent=sent)
+            serve_stripe(partial, stripe, of, start, self.wfile.write, on_sent=sent,
+                         sock=self.connection)
         except (TransferAborted, TimeoutError) as exc:
             log.info("stripe %d/%d of %s to %s stopped: %s", stripe, of, image_id,
                      self.address_string(), exc)
