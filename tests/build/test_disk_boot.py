@@ -193,3 +193,35 @@ def test_disk_without_bootloader_fails_in_time(tmp_path: Path) -> None:
 def test_boot_test_rejects_unknown_formats(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequest):
         boot_test(tmp_path / "x.vmdk", fmt="vmdk", log_path=tmp_path / "c.log")  # type: ignore[arg-type]
+
+
+def test_a_kvm_that_dies_under_a_real_boot_falls_back_to_tcg(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KVM can pass the probe and still abort QEMU under a real guest (nested hosts):
+    that boot is run again with TCG, and TCG is used from then on."""
+    calls: list[str] = []
+
+    def fake_boot(image: Path, fmt: str, timeout: float, marker: str, memory_mb: int,
+                  cpus: int, log_path: Path, accel: str, log: object) -> boot.BootResult:
+        calls.append(accel)
+        if accel == "kvm":
+            return boot.BootResult(ok=False, seconds=0.3, accel="kvm", console_log="",
+                                   reason="qemu exited with status -6: qemu-system-x86_64: "
+                                          "../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs")
+        return boot.BootResult(ok=True, seconds=20.0, accel="tcg", console_log="rain-boot-ok",
+                               reason="seen")
+
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(b"\0" * 512)
+    monkeypatch.setattr(boot, "_boot", fake_boot)
+    monkeypatch.setattr(boot, "_kvm_answer", True)
+    result = boot_test(disk, fmt="raw", log_path=tmp_path / "c.log")
+    assert result.ok and result.accel == "tcg" and calls == ["kvm", "tcg"]
+    assert kvm_usable() is False
+    # A boot that fails for the image's own reasons is not retried.
+    calls.clear()
+    monkeypatch.setattr(boot, "_kvm_answer", True)
+    monkeypatch.setattr(boot, "_boot", lambda *a, **k: (calls.append(a[7]), boot.BootResult(
+        ok=False, seconds=1.0, accel=a[7], console_log="", reason="boot failed: Kernel panic"))[1])
+    assert not boot_test(disk, fmt="raw", log_path=tmp_path / "c.log").ok
+    assert calls == ["kvm"]

@@ -111,7 +111,33 @@ def boot_test(
     if not image.is_file():
         raise InvalidRequest(f"{image} does not exist")
     marker = marker or BOOT_MARKER
-    accel = accel or ("kvm" if kvm_usable() else "tcg")
+    if accel is None:
+        result = _boot(image, fmt, timeout, marker, memory_mb, cpus, log_path,
+                       "kvm" if kvm_usable() else "tcg", log)
+        if result.accel == "kvm" and _kvm_died(result):
+            # KVM passed the probe but QEMU died under it (nested virtualisation):
+            # this process uses TCG from now on, starting with this boot.
+            _forget_kvm()
+            if log is not None:
+                log("KVM failed under a real boot; booting again with TCG")
+            result = _boot(image, fmt, timeout, marker, memory_mb, cpus, log_path, "tcg", log)
+        return result
+    return _boot(image, fmt, timeout, marker, memory_mb, cpus, log_path, accel, log)
+
+
+def _kvm_died(result: BootResult) -> bool:
+    """QEMU exited by itself, early, naming KVM: the accelerator failed, not the image."""
+    return result.reason.startswith("qemu exited") and "kvm" in result.reason.lower()
+
+
+def _forget_kvm() -> None:
+    global _kvm_answer
+    with _kvm_lock:
+        _kvm_answer = False
+
+
+def _boot(image: Path, fmt: str, timeout: float, marker: str, memory_mb: int, cpus: int,
+          log_path: Path, accel: Accel, log: LogFn | None) -> BootResult:
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_bytes(b"")
@@ -219,6 +245,10 @@ def _probe_kvm(timeout: float) -> bool:
             "-no-user-config",
             "-machine",
             "pc,accel=kvm",
+            # The CPU real boots get: on some nested hosts `-cpu host` is what fails
+            # (QEMU aborts setting MSRs) where the default CPU model works.
+            "-cpu",
+            "host",
             "-m",
             "16",
             "-display",
