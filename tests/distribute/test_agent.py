@@ -237,3 +237,27 @@ def test_tree_deployment_relays_between_agents(server: Server, agents: list[Agen
     with Client(server.url, server.token) as c:
         for inst in c.instances(deployment=dep["id"]):
             c.delete_instance(inst["id"])
+
+
+def test_deploy_draws_a_progress_bar_on_a_terminal(server: Server, agents: list[AgentProc],
+                                                  tmp_path: Path) -> None:
+    import re
+    import shlex
+
+    from tests.conftest import RAIN
+
+    with Client(server.url, server.token) as c:
+        for inst in c.instances():
+            c.delete_instance(inst["id"])
+        image, _ = push(c, tmp_path, "bar", size=8 << 20)
+    cmd = (f"{shlex.join(RAIN)} deploy {image['id']} --nodes a1 --count 1 --method http "
+           "--max-rate 4MB/s")
+    tty = subprocess.run(["script", "-qfec", cmd, "/dev/null"],
+                         env={**server.env(), "COLUMNS": "120"}, capture_output=True,
+                         text=True, timeout=120)
+    assert tty.returncode == 0, tty.stdout
+    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", tty.stdout)  # colours off
+    m = re.search(r"deployment ([0-9a-f-]{36}) started", text)
+    assert m, text
+    assert f"deploy {m.group(1)[:8]}" in text and "1/1 nodes ready" in text  # the bar
+    assert "ready: 1 instances on 1 nodes" in text  # the summary after it

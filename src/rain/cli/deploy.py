@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from rain.cli.options import Json, Token, Url, client
@@ -210,8 +213,14 @@ def _finish(c: Any, dep: dict[str, Any], *, follow: bool, wait: bool, json: bool
         sys.stderr.flush()
 
     if not json and not follow:
-        err.print(f"deployment {dep['id']} started")
-    final = c.follow_deployment(dep["id"], update)
+        err.print(f"deployment {dep['id']} started", markup=False, highlight=False)
+    with deployment_progress(dep) as bar:
+        def show(d: dict[str, Any]) -> None:
+            update(d)
+            if bar is not None:
+                bar(d)
+
+        final = c.follow_deployment(dep["id"], show)
     if json:
         print_json({**(final.get("report") or {}), "id": final["id"],
                     "status": final["status"], "image_id": final["image_id"],
@@ -221,6 +230,28 @@ def _finish(c: Any, dep: dict[str, Any], *, follow: bool, wait: bool, json: bool
     if final["status"] != "ready":
         raise RainError(f"deployment {final['id']} {final['status']}: "
                         f"{final.get('error') or 'see its report'}")
+
+
+@contextmanager
+def deployment_progress(dep: dict[str, Any]) -> Iterator[Any]:
+    """On a terminal: a bar of the image's progress over all nodes, and nodes ready."""
+    if not err.is_terminal:
+        yield None
+        return
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  "{task.percentage:>3.0f}%", TextColumn("{task.fields[ready]}"),
+                  TimeElapsedColumn(), console=err, transient=True) as progress:
+        task = progress.add_task(f"deploy {dep['id'][:8]}", total=1.0, ready="")
+
+        def bar(d: dict[str, Any]) -> None:
+            nodes = ((d.get("report") or {}).get("per_node") or {}).values()
+            if not nodes:
+                return
+            done = sum(1 for n in nodes if n.get("state") == "ready")
+            share = sum(float(n.get("progress") or 0.0) for n in nodes) / len(nodes)
+            progress.update(task, completed=share, ready=f"{done}/{len(nodes)} nodes ready")
+
+        yield bar
 
 
 def _report(d: dict[str, Any]) -> None:
