@@ -261,3 +261,26 @@ def test_deploy_draws_a_progress_bar_on_a_terminal(server: Server, agents: list[
     assert m, text
     assert f"deploy {m.group(1)[:8]}" in text and "1/1 nodes ready" in text  # the bar
     assert "ready: 1 instances on 1 nodes" in text  # the summary after it
+
+
+def test_copies_grown_disks_and_ephemeral_disks(server: Server, agents: list[AgentProc],
+                                                tmp_path: Path) -> None:
+    with Client(server.url, server.token) as c:
+        for inst in c.instances():
+            c.delete_instance(inst["id"])
+        image, path = push(c, tmp_path, "shapes", size=4 << 20)
+        over = c.follow_deployment(c.deploy(image["id"], nodes=["a2"], count=1, options={
+            "size": "64M", "ephemeral_size": "1G"})["id"], timeout=60)
+        copy = c.follow_deployment(c.deploy(image["id"], nodes=["a2"], count=1, options={
+            "copy": True})["id"], timeout=60)
+        with pytest.raises(InvalidRequest, match="bad size"):
+            c.deploy(image["id"], nodes=["a2"], count=1, options={"size": "huge"})
+    assert over["status"] == copy["status"] == "ready"
+    disk = Path(over["report"]["per_node"]["a2"]["instances"][0]["disk"])
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(disk)],
+                                     capture_output=True, check=True, text=True).stdout)
+    assert info["format"] == "qcow2" and info["virtual-size"] == 64 << 20
+    eph = disk.parent / "ephemeral.raw"
+    assert eph.stat().st_size == 1 << 30 and eph.stat().st_blocks == 0  # sparse
+    full = Path(copy["report"]["per_node"]["a2"]["instances"][0]["disk"])
+    assert full.name == "disk.raw" and full.read_bytes() == path.read_bytes()  # no backing
