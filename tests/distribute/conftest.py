@@ -87,7 +87,10 @@ class RepoImage:
 
 def manifest_of_file(path: Path, chunk_size: int = CHUNK) -> ImageManifest:
     """The manifest the store makes for `path`: SHA-256 per chunk, ZERO_DIGEST for zeros."""
-    data = path.read_bytes()
+    return manifest_of(path.read_bytes(), chunk_size)
+
+
+def manifest_of(data: bytes, chunk_size: int = CHUNK) -> ImageManifest:
     chunks = []
     for off in range(0, len(data), chunk_size):
         piece = data[off : off + chunk_size]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from pathlib import Path
 
@@ -12,18 +11,14 @@ from rain.distribute import NodeCache
 from rain.distribute.partial import BadChunk, PartialImage, TransferAborted
 from rain.model import DiskFormat
 from rain.model.errors import InvalidRequest
-from rain.store.manifest import ZERO_DIGEST, ImageManifest
+from rain.store.manifest import ImageManifest
+from tests.distribute.conftest import manifest_of as manifest_of_chunks
 
 CS = 4096
 
 
-def manifest_of(data: bytes, cs: int = CS) -> ImageManifest:
-    chunks = []
-    for off in range(0, len(data), cs):
-        piece = data[off : off + cs]
-        chunks.append(ZERO_DIGEST if piece.count(0) == len(piece)
-                      else hashlib.sha256(piece).digest())
-    return ImageManifest(cs, len(data), hashlib.sha256(data).hexdigest(), chunks)
+def manifest_of(data: bytes) -> ImageManifest:
+    return manifest_of_chunks(data, CS)
 
 
 def image_bytes() -> bytes:

@@ -19,20 +19,17 @@ class DeployCalls:
                options: dict[str, Any] | None = None) -> dict[str, Any]:
         """Start `count` instances of `image` on the named nodes (or all); returns the
         deployment at once — `follow_deployment` waits for it."""
-        body: dict[str, Any] = {"image": image, "count": count, "all": all,
-                                "options": options or {}}
-        if nodes:
-            body["nodes"] = nodes
-        if method:
-            body["method"] = method
-        return dict(self._request("POST", "/v1/deployments", json=body))
+        return self._deployment(image, nodes, all, method, options, count=count)
 
     def prefetch(self, image: str, *, nodes: list[str] | None = None, all: bool = False,
                  method: str | None = None,
                  options: dict[str, Any] | None = None) -> dict[str, Any]:
         """Copy `image` into the nodes' caches without starting anything."""
-        body: dict[str, Any] = {"image": image, "prefetch": True, "all": all,
-                                "options": options or {}}
+        return self._deployment(image, nodes, all, method, options, prefetch=True)
+
+    def _deployment(self, image: str, nodes: list[str] | None, all: bool, method: str | None,
+                    options: dict[str, Any] | None, **what: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {"image": image, "all": all, "options": options or {}, **what}
         if nodes:
             body["nodes"] = nodes
         if method:
