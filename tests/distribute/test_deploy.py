@@ -222,3 +222,30 @@ def test_slots_count_at_once(prefetching: tuple[Server, list[AgentProc]],
                     c.delete_instance(inst["id"])
     finally:
         stop_agent(slow)
+
+
+def test_a_method_that_cannot_start_falls_back_to_http(tmp_path: Path) -> None:
+    """A repository whose udp-sender fails at once (a stand-in script earlier on its
+    PATH): the multicast deployment still completes, over http, and says why."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "udp-sender"
+    fake.write_text("#!/bin/sh\necho 'udp-sender: no multicast here' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    s = start_server(tmp_path / "repo",
+                     extra_env={"PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"})
+    agent = None
+    try:
+        agent = start_agent(s, "m1", tmp_path / "agents")
+        with Client(s.url, s.token) as c:
+            image = push(c, tmp_path, "nocast")
+            dep = c.follow_deployment(c.deploy(image["id"], nodes=["m1"], count=1,
+                                               method="multicast")["id"], timeout=60)
+        assert dep["status"] == "ready", dep
+        r = dep["report"]
+        assert r["method"] == "http" and r["method_asked"] == "multicast"
+        assert "multicast could not start" in r["method_reason"]
+    finally:
+        if agent is not None:
+            stop_agent(agent)
+        stop_server(s.proc)

@@ -256,7 +256,20 @@ class DeploymentRun:
                     log=lambda msg: log.info("deployment %s: %s", self.deployment.id[:8], msg))
                 job.workdir.mkdir(parents=True, exist_ok=True)
                 method = coordinator_method(self.chosen)
-                plans = method.prepare(job)
+                try:
+                    plans = method.prepare(job)
+                except Exception as exc:
+                    # The method cannot run here (no udpcast, a seeder that will not
+                    # start, ...): every node pulls from the repository instead.
+                    why = exc.message if isinstance(exc, RainError) else repr(exc)
+                    log.warning("deployment %s: %s unavailable (%s); using http",
+                                self.deployment.id[:8], self.chosen, why)
+                    with contextlib.suppress(Exception):
+                        method.finish(job)
+                    self.why = f"{self.chosen} could not start ({why}); http instead"
+                    self.chosen = str(TransferMethod.HTTP)
+                    method = coordinator_method(self.chosen)
+                    plans = method.prepare(job)
             else:
                 plans = {}
             self._save()
