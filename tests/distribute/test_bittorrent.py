@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -44,6 +45,7 @@ from rain.distribute.bittorrent.torrent import (  # noqa: E402
     zero_pieces,
 )
 from rain.distribute.bittorrent.tracker import TrackerRegistry, compact  # noqa: E402
+from rain.distribute.bittorrent.turns import UNLIMITED, Lane, Turns  # noqa: E402
 from rain.distribute.methods.base import (  # noqa: E402
     DeploymentJob,
     FetchContext,
@@ -333,6 +335,67 @@ def test_tracker_lists_only_the_deployments_peers(world: World) -> None:
     assert b"failure reason" in announce(world.url, "tok-a", ih, b"A" * 20, 7001)
 
 
+# -- turns -----------------------------------------------------------------------------------
+@dataclass
+class FakeView:
+    """A view on a link of `rate` bytes/s shared by the views that are not limited."""
+
+    stripe: int
+    sent: int = 0
+    rate: int = -1  # the limit the schedule set
+    connected: bool = True
+
+    def limit(self, rate: int) -> None:
+        self.rate = rate
+
+
+def run_turns(views: list[FakeView], piece: int, link: int, *, active: int = 1,
+              seconds: float = 60.0, tick: float = 0.1) -> tuple[Turns, list[list[int]]]:
+    turns = Turns([Lane(limit=v.limit, stripe_bytes=v.stripe) for v in views], piece,
+                  active=active, trickle=link // 100)
+    history = []
+    now = 0.0
+    while now < seconds and not turns.finished:
+        turns.tick(now, [(v.sent, v.connected) for v in views])
+        history.append(turns.running())
+        sending = [v for v in views if v.connected and v.sent < v.stripe]
+        free = [v for v in sending if v.rate == UNLIMITED]
+        budget = link * tick
+        for v in sending:
+            if v.rate != UNLIMITED:
+                got = min(v.rate * tick, v.stripe - v.sent)
+                v.sent += int(got)
+                budget -= got
+        for v in free:
+            v.sent += int(min(budget / len(free), v.stripe - v.sent))
+        now += tick
+    return turns, history
+
+
+def test_turns_send_one_piece_at_a_time_in_stripe_order() -> None:
+    piece, link = 4 * MiB, 8 * MiB  # half a second per piece
+    views = [FakeView(stripe=3 * piece) for _ in range(4)]
+    turns, history = run_turns(views, piece, link)
+    assert turns.finished and all(v.sent == v.stripe for v in views)
+    assert all(len(r) <= 1 for r in history)
+    order = [r[0] for r, before in zip(history[1:], history, strict=False)
+             if r and r != before]
+    assert order[:8] == [1, 2, 3, 0, 1, 2, 3, 0]  # view 0 began at the first tick
+    assert history[0] == [0]
+    assert all(v.rate == UNLIMITED for v in views)  # done: no limit left
+
+
+def test_turns_skip_a_view_whose_node_is_gone_and_allow_several_at_once() -> None:
+    piece, link = 4 * MiB, 8 * MiB
+    views = [FakeView(stripe=2 * piece) for _ in range(4)]
+    views[1].connected = False
+    turns, history = run_turns(views, piece, link, active=2, seconds=10)
+    assert not turns.finished  # view 1 never sends
+    assert all(1 not in r for r in history)
+    assert max(len(r) for r in history) == 2
+    assert [v.sent == v.stripe for v in views] == [True, False, True, True]
+
+
 # -- swarms ----------------------------------------------------------------------------------
 def test_swarm_every_node_gets_the_image_and_seeds_it_on(
         world: World, sessions: Callable[[str], NodeSession]) -> None:
@@ -382,6 +445,39 @@ def test_swarm_every_node_gets_the_image_and_seeds_it_on(
     finally:
         coordinator.finish(job)
     assert world.tracker.peers(job.peer_token) == []
+
+
+def test_views_in_turns_and_the_tail_seed_still_deliver_everything(
+        world: World, sessions: Callable[[str], NodeSession]) -> None:
+    """With turns (two views at a time, the others trickling) and the tail seed (the full
+    seed dials the nodes once every stripe is sent) the swarm completes as before and the
+    repository stays within twice the image."""
+    cfg = world.side.config.bittorrent
+    saved = (cfg.view_turns, cfg.tail_seed)
+    cfg.view_turns, cfg.tail_seed = 2, True
+    hosts = ["127.0.0.41", "127.0.0.42", "127.0.0.43", "127.0.0.44"]
+    job = world.job(hosts)
+    coordinator = BitTorrentCoordinator()
+    try:
+        plans = coordinator.prepare(job)
+        paced = next(iter(world.seeder._turns.values()))
+        nodes = [BitTorrentNode(sessions(h)) for h in hosts]
+        ctxs = [world.ctx(job, k, plans[f"n{k}"], h) for k, h in enumerate(hosts)]
+        errors = run_nodes([partial(node.fetch, ctx) for node, ctx in zip(nodes, ctxs,
+                                                                          strict=True)])
+        assert not errors
+        for ctx in ctxs:
+            assert ctx.partial.path.read_bytes() == world.data
+            assert ctx.stats.bad_chunks == 0 and not ctx.stats.dropped
+        deadline = time.monotonic() + 5
+        while not paced.ended and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert paced.ended  # every stripe sent (here within a turn or two: loopback)
+        assert coordinator.repo_bytes(job) <= 2 * data_piece_bytes(world)
+    finally:
+        cfg.view_turns, cfg.tail_seed = saved
+        coordinator.finish(job)
+    assert not world.seeder._turns  # dropped with the job's torrents
 
 
 def corrupt_copy(world: World, path: Path) -> Path:

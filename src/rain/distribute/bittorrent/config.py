@@ -29,6 +29,14 @@ class BitTorrentConfig:
     # Stripe views: at most this many sessions that each seed one stripe of the pieces to
     # one node (rain.distribute.bittorrent.seeder); 0 or 1: nodes use the full seed.
     max_views: int = 32
+    # Views that send at full rate at once, a piece per turn, round-robin (the others
+    # trickle `view_trickle` bytes/s); 0: all views at once. Measured, turns did not make
+    # deployments faster (docs/bittorrent.md), so they are off by default.
+    view_turns: int = 0
+    view_trickle: int = 16 * 1024
+    # When every stripe has been sent, the full seed connects to the nodes and serves the
+    # pieces still rare among them (costs up to ~0.5 S more; no clear gain measured).
+    tail_seed: bool = False
     # Seconds without any payload before a node that has a view also connects to the full
     # seed (at least three times what one piece takes from its view).
     rescue_after: float = 5.0
@@ -37,6 +45,9 @@ class BitTorrentConfig:
     web_seed: str = "stall"
     # Seconds without payload progress before a node adds the web seed ("stall" mode).
     web_seed_after: float = 20.0
+    # libtorrent's request_queue_time on nodes: a node keeps this many seconds of a peer's
+    # measured rate requested from it.
+    request_queue_time: int = 3
     # Tracker: seconds between a node's announces.
     announce_interval: int = 15
     # Only addresses of the deployment's nodes (and the repository) may connect.

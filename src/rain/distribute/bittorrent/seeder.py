@@ -19,6 +19,11 @@ each piece leaves the repository once and the nodes trade the rest. A
 too long for pieces nobody else has (its stripe's owner died, or is slow)
 connects to it; rarest-first then takes what is missing everywhere.
 
+Optionally (`view_turns`) the views take turns instead of all sending at
+once, and (`tail_seed`) the full seed joins the swarm once every stripe is
+sent (rain.distribute.bittorrent.turns; both off by default, as measured in
+docs/bittorrent.md).
+
 Every session lets in only the running deployments' nodes (an IP filter of
 their addresses, plus any address a node announced from with its peer
 token). Deployments of the same image share torrents; a torrent goes when
@@ -27,8 +32,11 @@ the last deployment using it finishes.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +45,12 @@ import libtorrent as lt
 
 from rain.distribute.bittorrent.config import BitTorrentConfig
 from rain.distribute.bittorrent.session import Session, settings_pack, torrent_flags
+from rain.distribute.bittorrent.turns import Lane, Turns
 
+log = logging.getLogger("rain.distribute.bittorrent")
 SERVICE = "bittorrent"  # key in RepoSide.services
 FULL = -1  # the full seed's index among the sessions
+TICK = 0.1  # seconds between the turns' ticks
 
 
 @dataclass
@@ -50,10 +61,21 @@ class Seeded:
 
 
 @dataclass
+class Paced:
+    """A torrent's stripe views and their turns."""
+
+    turns: Turns
+    handles: list[Any]
+    began: float = field(default_factory=time.monotonic)
+    ended: bool = False  # every stripe has been sent
+
+
+@dataclass
 class JobSeeds:
     info_hash: str
     baselines: dict[int, int]  # session index → the torrent's upload when the job began
     view_ports: list[int]
+    peers: Callable[[], Iterable[tuple[str, int]]] | None = None  # the nodes' endpoints
 
 
 def stripe_mask(zero: list[bool], stripe: int, of: int) -> list[bool]:
@@ -78,7 +100,10 @@ class RepoSeeder:
         self._torrents: dict[tuple[int, str], Seeded] = {}  # (session index, info hash)
         self._jobs: dict[str, JobSeeds] = {}
         self._allowed: dict[str, set[str]] = {}
+        self._turns: dict[str, Paced] = {}  # by info hash: its views' turns
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pacer: threading.Thread | None = None
 
     def _session(self, port: int, name: str) -> Session:
         return Session(settings_pack(self.config, self.host, port, seeder=True), name)
@@ -95,9 +120,11 @@ class RepoSeeder:
         return [self.full, *self.views]
 
     def seed(self, job_id: str, info_hash: str, torrent: bytes, path: Path,
-             allowed: Iterable[str], *, zero: list[bool], nodes: int) -> list[int]:
+             allowed: Iterable[str], *, zero: list[bool], nodes: int,
+             peers: Callable[[], Iterable[tuple[str, int]]] | None = None) -> list[int]:
         """Seed `path` (the complete image) for a job of `nodes` nodes; returns the ports of
-        its stripe views, one per node in order (none: every node uses the full seed)."""
+        its stripe views, one per node in order (none: every node uses the full seed).
+        `peers`: where the job's nodes listen (the tracker knows), for the tail."""
         addresses = set(allowed)
         with self._lock:
             self._allowed[job_id] = addresses
@@ -112,14 +139,74 @@ class RepoSeeder:
                         self.config.view_port + len(self.views) if self.config.view_port
                         else 0,
                         f"seeder-view{len(self.views)}"))
+                handles = []
                 for i in range(stripes):
                     view = self._add(i, info_hash, torrent, path, (i, stripes), job_id, zero)
                     baselines[i] = int(view.handle.status().all_time_upload)
                     ports.append(int(self.views[i].lt.listen_port()))
-            self._jobs[job_id] = JobSeeds(info_hash, baselines, ports)
+                    handles.append(view.handle)
+                paced = self.config.view_turns > 0 or self.config.tail_seed
+                if paced and info_hash not in self._turns:
+                    self._turns[info_hash] = self._schedule(handles, zero, stripes)
+            self._jobs[job_id] = JobSeeds(info_hash, baselines, ports, peers)
             for session in self.sessions:
                 session.allow(job_id, addresses)
             return ports
+
+    def _schedule(self, handles: list[Any], zero: list[bool], stripes: int) -> Paced:
+        ti = handles[0].torrent_file()
+        sizes = [0] * stripes
+        j = 0
+        for piece, z in enumerate(zero):
+            if not z:
+                sizes[j % stripes] += ti.piece_size(piece)
+                j += 1
+        lanes = [Lane(limit=h.set_upload_limit, stripe_bytes=size)
+                 for h, size in zip(handles, sizes, strict=True)]
+        # view_turns 0: every view at once (the turns then only tell when all are sent)
+        turns = Turns(lanes, ti.piece_length(), active=self.config.view_turns or stripes,
+                      trickle=self.config.view_trickle)
+        if self._pacer is None:
+            self._pacer = threading.Thread(target=self._pace, daemon=True,
+                                           name="rain-bt-turns")
+            self._pacer.start()
+        return Paced(turns, handles)
+
+    def _pace(self) -> None:
+        """Tick every torrent's turns until the seeder closes."""
+        while not self._stop.wait(TICK):
+            with self._lock:
+                schedules = [p for p in self._turns.values() if not p.turns.finished]
+            for paced in schedules:
+                seen = []
+                with contextlib.suppress(RuntimeError):  # a torrent removed meanwhile
+                    for h in paced.handles:
+                        st = h.status()
+                        seen.append((int(st.all_time_upload), int(st.num_peers) > 0))
+                    paced.turns.tick(time.monotonic(), seen)
+                    if paced.turns.finished and not paced.ended:
+                        paced.ended = True
+                        log.info("stripe views: every stripe sent after %.1f s (turns: %s)",
+                                 time.monotonic() - paced.began, paced.turns.ended)
+                        if self.config.tail_seed:
+                            self._join_tail(paced)
+
+    def _join_tail(self, paced: Paced) -> None:
+        """Every piece has left the repository once, and its link is idle: the full seed
+        connects to the nodes, which ask it for the pieces rarest among them (the last ones,
+        that only their owners have). That costs a few pieces more of repository bytes."""
+        with self._lock:
+            info_hash = next((ih for (_, ih), s in self._torrents.items()
+                              if s.handle in paced.handles), "")
+            full = self._torrents.get((FULL, info_hash))
+            sources = [j.peers for j in self._jobs.values()
+                       if j.info_hash == info_hash and j.peers is not None]
+        if full is None:
+            return
+        for peers in sources:
+            for endpoint in peers():
+                with contextlib.suppress(RuntimeError):
+                    full.handle.connect_peer(endpoint)
 
     def _fits(self, index: int, info_hash: str, stripes: int) -> bool:
         """View `index` has no torrent of this image, or one with the same stripes (two
@@ -195,10 +282,14 @@ class RepoSeeder:
                 if not seeded.jobs:
                     del self._torrents[key]
                     self._at(index).lt.remove_torrent(seeded.handle)
+            if not any(ih == job.info_hash for _, ih in self._torrents):
+                self._turns.pop(job.info_hash, None)
             return sent
 
     def close(self) -> None:
+        self._stop.set()
         with self._lock:
+            self._turns.clear()
             self._torrents.clear()
             self._jobs.clear()
             for session in self.sessions:

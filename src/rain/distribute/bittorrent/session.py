@@ -81,6 +81,7 @@ def settings_pack(cfg: BitTorrentConfig, host: str, port: int, *,
         "send_buffer_watermark": 4 * MiB,
         "send_buffer_low_watermark": 1 * MiB,
         "max_out_request_queue": 1500,
+        "request_queue_time": cfg.request_queue_time,
         # Two cores for everything: a couple of disk threads, one hasher.
         "aio_threads": 2,
         "hashing_threads": 1,
@@ -105,8 +106,9 @@ def settings_pack(cfg: BitTorrentConfig, host: str, port: int, *,
     }
     if seeder:
         s["peer_fingerprint"] = SEEDER_FINGERPRINT
-        # The repository only answers: nodes connect to it.
-        s["out_enc_policy"] = int(lt.enc_policy.pe_disabled)
+        # Nodes connect to the repository; its full seed dials them only for the tail
+        # (rain.distribute.bittorrent.seeder), encrypted if they insist.
+        s["out_enc_policy"] = int(lt.enc_policy.pe_enabled)
         s["in_enc_policy"] = int(lt.enc_policy.pe_enabled)
         s["allowed_enc_level"] = int(lt.enc_level.pe_both)
         s["prefer_rc4"] = True

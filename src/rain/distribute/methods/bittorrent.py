@@ -21,7 +21,8 @@ The plan of a node (the same for all nodes of a deployment but for the view port
      "encrypt": bool, "port": the node session's port,
      "allow": [addresses of the deployment's nodes and the repository] (null: anyone),
      "deployment": job id,
-     "session": {"connections_limit", "unchoke_slots", "announce_interval"}}
+     "session": {"connections_limit", "unchoke_slots", "announce_interval",
+                 "request_queue_time"}}
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from rain.distribute.methods.base import DeploymentJob, FetchContext, RepoSide
 __all__ = ["COORDINATOR", "NODE", "BitTorrentConfig", "BitTorrentCoordinator",
            "BitTorrentNode", "NodeSession", "make_torrent", "torrent_on_activate"]
 log = logging.getLogger("rain.distribute.bittorrent")
-SESSION_KEYS = ("connections_limit", "unchoke_slots", "announce_interval")
+SESSION_KEYS = ("connections_limit", "unchoke_slots", "announce_interval", "request_queue_time")
 WILDCARDS = ("", "0.0.0.0", "::")
 
 
@@ -97,7 +98,9 @@ class BitTorrentCoordinator:
         own = resolve([server.host]) if server.host not in WILDCARDS else set()
         job.state["bittorrent"] = {"info_hash": info_hash}
         views = seeder.seed(job.id, info_hash, torrent, Path(job.seed_file()), nodes,
-                            zero=zero_pieces(job.manifest, piece_size), nodes=len(job.nodes))
+                            zero=zero_pieces(job.manifest, piece_size), nodes=len(job.nodes),
+                            peers=lambda: [(ip, port) for ip, port, left
+                                           in registry.peers(job.peer_token) if left > 0])
         seeder_host = "" if server.host in WILDCARDS else server.host
         # With stripe views the tracker lists no seed: a node reaches the full one only
         # when it needs rescue (see rain.distribute.bittorrent.seeder).
