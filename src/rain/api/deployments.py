@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from rain.api.deps import repo, viewer
 from rain.api.images import parse_size
-from rain.distribute.agentclient import AgentClient
+from rain.distribute.agentclient import AgentClient, AgentUnreachable
 from rain.distribute.coordinator import Coordinator
 from rain.model import (
     InstanceStatus,
@@ -99,15 +99,23 @@ def cancel_deployment(deployment_id: str, r: Repo, user: Viewer, c: Coord) -> di
 
 
 @router.delete("/instances/{instance_id}")
-def delete_instance(instance_id: str, r: Repo, user: Viewer, c: Coord) -> dict[str, Any]:
-    """Delete an instance's disks on its node (owner or admin)."""
+def delete_instance(instance_id: str, r: Repo, user: Viewer, c: Coord,
+                    forget: bool = False) -> dict[str, Any]:
+    """Delete an instance's disks on its node (owner or admin).
+
+    `forget=true` is for a node that is gone for good: when its agent does not answer
+    the record is closed anyway (the disk, if the node ever returns, stays there)."""
     inst = r.get_instance(user, instance_id)
     if inst.status != InstanceStatus.DELETED:
         address, key = r.agent_endpoint(inst.node)
-        # NotFound: gone on the node already (e.g. its disk never got made).
-        with AgentClient(inst.node, address, key, context=c.agent_context) as agent, \
-                contextlib.suppress(NotFound):
-            agent.delete_instance(inst.id)
+        try:
+            # NotFound: gone on the node already (e.g. its disk never got made).
+            with AgentClient(inst.node, address, key, context=c.agent_context) as agent, \
+                    contextlib.suppress(NotFound):
+                agent.delete_instance(inst.id)
+        except AgentUnreachable:
+            if not forget:
+                raise
         r.set_instance(inst.id, status=InstanceStatus.DELETED)
     return r.get_instance(user, instance_id).to_dict()
 

@@ -142,10 +142,13 @@ def instance_ls(node: Annotated[str | None, typer.Option("--node")] = None,
 
 @instance_app.command("rm")
 def instance_rm(instance: Annotated[list[str], typer.Argument(help="Instance ids")],
+                forget: Annotated[bool, typer.Option(
+                    "--forget", help="Close the record even if the node does not answer "
+                    "(a node gone for good)")] = False,
                 url: Url = None, token: Token = None, json: Json = False) -> None:
     """Delete instances' disks on their nodes."""
     c = client(url, token)
-    done = [c.delete_instance(i) for i in instance]
+    done = [c.delete_instance(i, forget=forget) for i in instance]
     if json:
         print_json(done)
     else:

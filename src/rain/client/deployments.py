@@ -39,8 +39,9 @@ class DeployCalls:
     def cancel_deployment(self, deployment_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/v1/deployments/{deployment_id}/cancel"))
 
-    def delete_instance(self, instance_id: str) -> dict[str, Any]:
-        return dict(self._request("DELETE", f"/v1/instances/{instance_id}"))
+    def delete_instance(self, instance_id: str, forget: bool = False) -> dict[str, Any]:
+        params = {"forget": "true"} if forget else None
+        return dict(self._request("DELETE", f"/v1/instances/{instance_id}", params=params))
 
     def follow_deployment(self, deployment_id: str, on_update: DeploymentUpdate | None = None,
                           *, interval: float = 0.5,
