@@ -108,6 +108,9 @@ class Bench:
         self.size = parse_size(args.size)
         self.rate = parse_rate(args.rate) / 8  # bytes/s
         self.nodes = sorted(int(n) for n in args.nodes.split(","))
+        self.http_nodes = {int(n) for n in args.http_nodes.split(",")} if args.http_nodes \
+            else set()
+        self.mix_size = parse_size(args.mix_size) if args.mix_size else self.size
         self.work = Path(args.work_dir)
         self.work.mkdir(parents=True, exist_ok=True)
         self.tb = Testbed(args.name, nodes=max(self.nodes), rate=args.rate, capacity=8,
@@ -213,6 +216,8 @@ class Bench:
         runs = []
         for n in self.nodes:
             for method in self.args.methods.split(","):
+                if method == "http" and self.http_nodes and n not in self.http_nodes:
+                    continue
                 image, _ = self.image()
                 opts = {"rate": self.rate} if method == "multicast" else {}
                 runs.append(self.deploy("one image", image, n, method, options=opts))
@@ -231,7 +236,7 @@ class Bench:
         runs = []
         for method in self.args.mix_methods.split(","):
             for k in (int(x) for x in self.args.mixes.split(",")):
-                images = [self.image()[0] for _ in range(k)]
+                images = [self.image(self.mix_size)[0] for _ in range(k)]
                 wire0 = self.tb.interface_bytes("repo").tx
                 busy0 = machine_busy()
                 t0 = time.monotonic()
@@ -241,13 +246,16 @@ class Bench:
                           for d in deps]
                 wall = time.monotonic() - t0
                 busy1 = machine_busy()
-                run = Run(f"mix {k}×{8 * n // k}", method, n, self.size, self.rate)
+                run = Run(f"mix {k}×{8 * n // k}", method, n, self.mix_size, self.rate)
                 run.status = ",".join(sorted({f["status"] for f in finals}))
                 run.makespan = wall  # from the first request to the last instance
                 run.repo_bytes_wire = self.tb.interface_bytes("repo").tx - wire0
                 run.cpu_busy = (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1.0)
                 run.extra["k"] = k
-                run.extra["t_star"] = max(k * self.size / self.rate, self.size / self.rate)
+                # k images of S: the repository must send k·S at least once, each node
+                # receives S (its 8 instances are of one image).
+                run.extra["t_star"] = max(k * self.mix_size / self.rate,
+                                          self.mix_size / self.rate)
                 for f in finals:
                     self.cleanup(f)
                 print(f"  mix {k}: {method} makespan {wall:.1f} s (T* "
@@ -309,7 +317,8 @@ def method_rows(runs: list[Run], http_runs: list[Run] | None = None) -> list[lis
     rows = []
     for r in runs:
         speedup = (http.get(r.nodes) or 0) / r.makespan if r.makespan else 0
-        rows.append([str(r.nodes), r.method, _s(r.makespan), _s(r.first_ready), _s(r.t_star),
+        method = f"{r.method} (RC4)" if r.extra.get("encrypt") else r.method
+        rows.append([str(r.nodes), method, _s(r.makespan), _s(r.first_ready), _s(r.t_star),
                      f"{r.ratio():.2f}" if r.ratio() else "-",
                      f"{speedup:.1f}×" if speedup else "-",
                      f"{r.repo_bytes_wire / r.size:.2f}", f"{r.repo_bytes_report / r.size:.2f}",
@@ -361,7 +370,10 @@ def main() -> None:
     ap.add_argument("--size", default="64M", help="image size (random data)")
     ap.add_argument("--rate", default="100mbit", help="every link, both directions")
     ap.add_argument("--methods", default="http,tree,multicast,bittorrent")
+    ap.add_argument("--http-nodes", default="",
+                    help="run http only at these N (its makespan is N·S/R: the long part)")
     ap.add_argument("--mixes", default="1,2,4,8")
+    ap.add_argument("--mix-size", default="", help="image size in the mixes (default --size)")
     ap.add_argument("--mix-methods", default="bittorrent,tree",
                     help="http's 1×8N mix is the methods section's N=max row")
     ap.add_argument("--changed", default="8M", help="chunks section: bytes changed")
@@ -416,7 +428,8 @@ def main() -> None:
             rows = method_rows(results[section], earlier if section != "methods" else [])
             print(table(headers, rows, md))
     if "mixes" in results:
-        print("\n## request mixes (all nodes, 8 instances per node in all)\n")
+        print(f"\n## request mixes (all nodes, 8 instances per node in all; images of "
+              f"{human(bench.mix_size)})\n")
         rows = [[r.label, r.method, _s(r.makespan), _s(r.extra["t_star"]),
                  f"{(r.makespan or 0) / r.extra['t_star']:.2f}",
                  f"{r.repo_bytes_wire / r.size:.2f}", f"{r.cpu_busy:.0%}", r.status]

@@ -375,7 +375,8 @@ def test_torrents_and_manifests_need_pullable_images(repo: Repository, tmp_path:
 def test_node_states_and_agent_endpoint(repo: Repository) -> None:
     admin, _ = repo.local_create_user("root", admin=True)
     alice, _ = repo.local_create_user("alice")
-    node = repo.register_node(admin, report("s1", cache_used=4 << 30, cached=["a", "b", "a"],
+    node = repo.register_node(admin, report("s1", cache_used=6 << 30, cache_pinned=4 << 30,
+                                            cached=["a", "b", "a"],
                                             in_flight=["c"], running_instances=3))
     assert node.cached == ["a", "b"]  # duplicates dropped
     assert repo.agent_endpoint("s1") == ("http://198.18.0.11:8481", KEY)

@@ -93,6 +93,29 @@ def test_0003_upgrades_a_0002_database(url: str) -> None:
         catalog.close()
 
 
+def test_0004_gives_nodes_of_0003_nothing_pinned(url: str) -> None:
+    engine = make_engine(url)
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+    now = utcnow()
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO nodes (name, address, agent_key, capacity_instances,"
+            " running_instances, cache_capacity, cache_used, cached, in_flight, version,"
+            " registered, last_heartbeat) VALUES ('old', 'http://198.18.1.1:8481', :k, 8, 0,"
+            " 1000, 900, '[]', '[]', '0.1', :t, :t)"), {"k": "k" * 32, "t": now})
+    engine.dispose()
+    catalog = Catalog(url)
+    try:
+        old = catalog.get_node("old")
+        assert old.cache_used == 900 and old.cache_pinned == 0 and old.free_cache_bytes == 1000
+    finally:
+        catalog.close()
+
+
 def test_migrations_match_the_tables_the_code_declares(catalog: Catalog) -> None:
     with catalog.db.engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
@@ -106,7 +129,10 @@ def test_nodes_register_report_list_remove(catalog: Catalog) -> None:
     n1 = catalog.upsert_node("n1", address="http://198.18.0.11:8481", agent_key="k" * 32,
                              owner_id=admin.id, report=report())
     assert n1.address == "http://198.18.0.11:8481" and n1.cached == ["img-a"]
-    assert n1.cache_capacity == 10 << 30 and n1.free_cache_bytes == 9 << 30
+    # Nothing pinned: the whole cache can be made room in.
+    assert n1.cache_capacity == 10 << 30 and n1.free_cache_bytes == 10 << 30
+    pinned = catalog.node_heartbeat("n1", {"cache_used": 6 << 30, "cache_pinned": 4 << 30})
+    assert pinned.cache_pinned == 4 << 30 and pinned.free_cache_bytes == 6 << 30
     assert n1.registered is not None and n1.registered.tzinfo is not None
     assert n1.last_heartbeat == n1.registered
     catalog.upsert_node("a0", address="http://198.18.0.10:8481", agent_key="a" * 32,

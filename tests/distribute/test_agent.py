@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from rain.client import Client
-from rain.model.errors import InvalidRequest, NotFound, RainError
+from rain.model.errors import Conflict, InvalidRequest, NotFound, RainError
 from tests.conftest import Server, run_cli
 from tests.distribute.conftest import (
     AgentProc,
@@ -204,6 +204,50 @@ def test_a_node_that_dies_does_not_stop_the_others(
     assert out.stderr.count("deleted ") == len(left)
     with Client(server.url, server.token) as c:
         assert c.instances(deployment=dep["id"]) == []
+
+
+def test_a_cache_full_of_unused_images_still_takes_new_ones(server: Server,
+                                                             tmp_path: Path) -> None:
+    """Placement counts only what live disks pin; the agent evicts the rest to make room."""
+    import os
+    import time
+
+    agent = start_agent(server, "c1", tmp_path / "small", cache_size="20M")
+    try:
+        with Client(server.url, server.token) as c:
+            images = []
+            for k in range(5):
+                path = tmp_path / f"full-{k}.raw"
+                path.write_bytes(os.urandom(8 << 20))  # no zero chunks: 8 MiB allocated
+                images.append(c.push(path, name=f"full-{k}", disk_format="raw"))
+
+            def deploy(image: dict) -> dict:
+                d = c.follow_deployment(c.deploy(image["id"], nodes=["c1"], count=1,
+                                                 method="http")["id"], timeout=60)
+                assert d["status"] == "ready", d
+                return d
+
+            for image in images[:3]:  # two fit: the third evicts the first
+                for inst in c.instances(deployment=deploy(image)["id"]):
+                    c.delete_instance(inst["id"])
+            assert not cached_file(agent, images[0]["id"]).exists()
+            deploy(images[3])
+            deploy(images[2])  # from the cache
+            deadline = time.time() + 10  # the next heartbeat reports the pins
+            while time.time() < deadline:
+                node = {n["name"]: n for n in c.nodes()}["c1"]
+                if node["cache_pinned"] >= 16 << 20:
+                    break
+                time.sleep(0.2)
+            assert node["cache_pinned"] >= 16 << 20, node
+            with pytest.raises(Conflict, match="not enough capacity"):
+                c.deploy(images[4]["id"], nodes=["c1"], count=1, method="http")
+            assert {p.name for p in (agent.cache_dir / "cache" / "images").iterdir()} == {
+                f"{images[2]['id']}.raw", f"{images[3]['id']}.raw"}
+            for inst in c.instances(node="c1"):
+                c.delete_instance(inst["id"])
+    finally:
+        stop_agent(agent)
 
 
 def test_cli_deploy_json_and_nodes(server: Server, agents: list[AgentProc],

@@ -99,7 +99,9 @@ def test_pinned_images_are_never_evicted(tmp_path: Path, clock: Tick) -> None:
     cache = NodeCache(tmp_path / "cache", 2 * MiB, clock=clock)
     add(cache, tmp_path, "a")
     add(cache, tmp_path, "b")
+    assert cache.pinned == 0
     cache.pin("a")
+    assert 0 < cache.pinned == cache.entry("a").allocated  # type: ignore[union-attr]
     add(cache, tmp_path, "c")  # a is the oldest and least used, but pinned: b goes
     assert cached(cache) == {"a", "c"}
     cache.pin("c")

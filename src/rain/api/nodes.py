@@ -27,8 +27,10 @@ def register_node(r: Repo, user: Viewer, report: Report) -> dict[str, Any]:
     """Admin (the agent's token): register a node, or register it again after a restart.
 
     Body: `{"name", "address": "http://HOST:PORT", "agent_key", "capacity_instances",
-    "running_instances", "cache_capacity", "cache_used", "cached": [IMAGE_ID, ...],
-    "in_flight": [IMAGE_ID, ...], "version"}`; what is left out is reset to 0 / empty.
+    "running_instances", "cache_capacity", "cache_used", "cache_pinned", "cached":
+    [IMAGE_ID, ...], "in_flight": [IMAGE_ID, ...], "version"}`; what is left out is reset
+    to 0 / empty. `cache_pinned` is the part of `cache_used` live instance disks need:
+    placement counts the rest as room, since the agent evicts it for a new image.
     """
     return node_dict(r, r.register_node(user, report))
 

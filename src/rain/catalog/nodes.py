@@ -20,7 +20,7 @@ from rain.model import Node, NotFound
 # The fields of a report, with the value a registration without them gets.
 REPORT_DEFAULTS: dict[str, Any] = {
     "capacity_instances": 0, "running_instances": 0, "cache_capacity": 0, "cache_used": 0,
-    "cached": [], "in_flight": [], "version": "",
+    "cache_pinned": 0, "cached": [], "in_flight": [], "version": "",
 }
 REPORT_FIELDS = frozenset({"address", *REPORT_DEFAULTS})
 
@@ -29,7 +29,7 @@ def node_model(row: NodeRow) -> Node:
     return Node(
         name=row.name, address=row.address, capacity_instances=row.capacity_instances,
         running_instances=row.running_instances, cache_capacity=row.cache_capacity,
-        cache_used=row.cache_used, cached=list(row.cached or []),
+        cache_used=row.cache_used, cache_pinned=row.cache_pinned, cached=list(row.cached or []),
         in_flight=list(row.in_flight or []), version=row.version,
         registered=as_utc(row.registered), last_heartbeat=as_utc(row.last_heartbeat),
     )

@@ -228,6 +228,7 @@ class NodeRow(Base):
     running_instances: Mapped[int] = mapped_column(Integer, default=0)
     cache_capacity: Mapped[int] = mapped_column(BigInteger, default=0)
     cache_used: Mapped[int] = mapped_column(BigInteger, default=0)
+    cache_pinned: Mapped[int] = mapped_column(BigInteger, default=0)
     cached: Mapped[list[str]] = mapped_column(JSON, default=list)
     in_flight: Mapped[list[str]] = mapped_column(JSON, default=list)
     version: Mapped[str] = mapped_column(String(64), default="")

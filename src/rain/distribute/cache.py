@@ -121,6 +121,14 @@ class NodeCache:
         with self._lock:
             return sum(e.allocated for e in self._entries.values())
 
+    @property
+    def pinned(self) -> int:
+        """Allocated bytes of the images live disks read through to: what no new image
+        can take (everything else can be evicted to make room)."""
+        with self._lock:
+            return sum(e.allocated for e in self._entries.values()
+                       if self._pins.get(e.image_id, 0) > 0)
+
     def list(self) -> list[CachedImage]:
         """All cached images, next eviction candidate first."""
         with self._lock:

@@ -64,6 +64,8 @@ class Node:
     running_instances: int = 0
     cache_capacity: int = 0
     cache_used: int = 0
+    # Of cache_used, what backs live instance disks; the rest can be evicted.
+    cache_pinned: int = 0
     cached: list[str] = field(default_factory=list)
     in_flight: list[str] = field(default_factory=list)
     version: str = ""
@@ -72,7 +74,8 @@ class Node:
 
     @property
     def free_cache_bytes(self) -> int:
-        return max(0, self.cache_capacity - self.cache_used)
+        """Room for a new image: a full cache of images no disk uses still has room."""
+        return max(0, self.cache_capacity - self.cache_pinned)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +85,7 @@ class Node:
             "running_instances": self.running_instances,
             "cache_capacity": self.cache_capacity,
             "cache_used": self.cache_used,
+            "cache_pinned": self.cache_pinned,
             "cached": list(self.cached),
             "in_flight": list(self.in_flight),
             "version": self.version,

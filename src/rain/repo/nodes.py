@@ -22,7 +22,7 @@ from rain.repo.config import RepoConfig
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 AGENT_KEY = re.compile(r"[A-Za-z0-9_-]{16,128}")
 INT_LIMITS = {"capacity_instances": 2**31 - 1, "running_instances": 2**31 - 1,
-              "cache_capacity": 2**63 - 1, "cache_used": 2**63 - 1}
+              "cache_capacity": 2**63 - 1, "cache_used": 2**63 - 1, "cache_pinned": 2**63 - 1}
 LIST_FIELDS = ("cached", "in_flight")
 MAX_LIST = 100_000
 REPORT_KEYS = frozenset({"name", "address", "agent_key", "version", *INT_LIMITS, *LIST_FIELDS})

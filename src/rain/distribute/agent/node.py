@@ -109,6 +109,7 @@ class Agent:
             "capacity_instances": self.config.capacity_instances,
             "running_instances": len(self.instances.list()),
             "cache_capacity": self.cache.capacity, "cache_used": self.cache.used,
+            "cache_pinned": self.cache.pinned,
             "cached": [e.image_id for e in self.cache.list()], "in_flight": in_flight,
             "version": __version__,
         }
