@@ -55,13 +55,19 @@ def image(catalog: Catalog, owner: User, name: str = "web") -> str:
     return catalog.create_image(owner, name=name, status=str(ImageStatus.ACTIVE)).id
 
 
-def test_0003_upgrades_a_0002_database(url: str) -> None:
+def migrated_to(url: str, revision: str) -> tuple[sa.Engine, AlembicConfig]:
+    """A database at an old revision, to check what the next migrations do to its rows."""
     engine = make_engine(url)
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0002")
+        command.upgrade(cfg, revision)
+    return engine, cfg
+
+
+def test_0003_upgrades_a_0002_database(url: str) -> None:
+    engine, cfg = migrated_to(url, "0002")
     now = utcnow()
     with engine.begin() as conn:
         tables = set(sa.inspect(conn).get_table_names())
@@ -94,12 +100,7 @@ def test_0003_upgrades_a_0002_database(url: str) -> None:
 
 
 def test_0004_gives_nodes_of_0003_nothing_pinned(url: str) -> None:
-    engine = make_engine(url)
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0003")
+    engine, _ = migrated_to(url, "0003")
     now = utcnow()
     with engine.begin() as conn:
         conn.execute(sa.text(
