@@ -203,13 +203,23 @@ class Bench:
 
     def cleanup(self, final: dict[str, Any]) -> None:
         """Free the instance slots for the next run (the images stay cached)."""
-        insts = self.c.instances(deployment=final["id"])
-        threads = [threading.Thread(target=self.c.delete_instance, args=(i["id"],))
-                   for i in insts if i["status"] == "ready"]
+        insts = [i["id"] for i in self.c.instances(deployment=final["id"])
+                 if i["status"] == "ready"]
+
+        def delete(ids: list[str]) -> None:
+            # A client per thread: one httpx client shared by 24 threads lost requests.
+            with Client(self.tb.url, self.tb.token, timeout=120) as c:
+                for i in ids:
+                    c.delete_instance(i)
+
+        threads = [threading.Thread(target=delete, args=(insts[k::8],)) for k in range(8)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        left = [i for i in self.c.instances(deployment=final["id"]) if i["status"] == "ready"]
+        if left:
+            raise RuntimeError(f"{len(left)} instances of {final['id']} were not deleted")
 
     # -- sections ---------------------------------------------------------------------
     def methods(self) -> list[Run]:
