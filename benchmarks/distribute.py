@@ -442,9 +442,9 @@ def main() -> None:
               f"{human(bench.mix_size)})\n")
         rows = [[r.label, r.method, _s(r.makespan), _s(r.extra["t_star"]),
                  f"{(r.makespan or 0) / r.extra['t_star']:.2f}",
-                 f"{r.repo_bytes_wire / r.size:.2f}", f"{r.cpu_busy:.0%}", r.status]
-                for r in results["mixes"]]
-        print(table(["mix", "method", "makespan s", "T* s", "÷ T*", "repo bytes ÷ S",
+                 f"{r.repo_bytes_wire / (r.extra['k'] * r.size):.2f}", f"{r.cpu_busy:.0%}",
+                 r.status] for r in results["mixes"]]
+        print(table(["mix", "method", "makespan s", "T* s", "÷ T*", "repo bytes ÷ k·S",
                      "CPU busy", "status"], rows, md))
     if "chunks" in results:
         print("\n## derived image over a cached base\n")

@@ -117,6 +117,18 @@ def test_0004_gives_nodes_of_0003_nothing_pinned(url: str) -> None:
         catalog.close()
 
 
+def test_a_verified_image_counts_as_cached_before_the_next_heartbeat(catalog: Catalog) -> None:
+    catalog.upsert_node("n1", address="http://198.18.1.1:8481", agent_key="k" * 32,
+                        owner_id=None, report=report(in_flight=["img-b"]))
+    before = catalog.get_node("n1")
+    catalog.note_cached("n1", "img-b")
+    catalog.note_cached("n1", "img-b")  # twice: listed once
+    catalog.note_cached("ghost", "img-b")  # a node removed meanwhile: nothing to note
+    after = catalog.get_node("n1")
+    assert after.cached == ["img-a", "img-b"] and after.in_flight == []
+    assert after.last_heartbeat == before.last_heartbeat  # not a sign of life
+
+
 def test_migrations_match_the_tables_the_code_declares(catalog: Catalog) -> None:
     with catalog.db.engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True})

@@ -250,6 +250,27 @@ def test_a_cache_full_of_unused_images_still_takes_new_ones(server: Server,
         stop_agent(agent)
 
 
+def test_auto_knows_a_prefetched_image_before_the_next_heartbeat(server: Server,
+                                                                tmp_path: Path) -> None:
+    """The agent beats every 30 s: only the repository's own note says the image is there."""
+    agent = start_agent(server, "p1", tmp_path / "slow", extra=("--heartbeat", "30"))
+    try:
+        with Client(server.url, server.token) as c:
+            image, _ = push(c, tmp_path, "noted")
+            pre = c.follow_deployment(c.prefetch(image["id"], nodes=["p1"])["id"], timeout=60)
+            assert pre["status"] == "ready", pre
+            assert image["id"] in {n["name"]: n for n in c.nodes()}["p1"]["cached"]
+            dep = c.follow_deployment(c.deploy(image["id"], nodes=["p1"], count=1)["id"],
+                                      timeout=60)
+        assert dep["status"] == "ready" and dep["report"]["method"] == "cache", dep
+        assert dep["report"]["repo_bytes_sent"] == 0
+        with Client(server.url, server.token) as c:
+            for inst in c.instances(deployment=dep["id"]):
+                c.delete_instance(inst["id"])
+    finally:
+        stop_agent(agent)
+
+
 def test_cli_deploy_json_and_nodes(server: Server, agents: list[AgentProc],
                                    tmp_path: Path) -> None:
     with Client(server.url, server.token) as c:

@@ -80,6 +80,18 @@ class NodeCatalog:
             s.flush()
             return node_model(row)
 
+    def note_cached(self, name: str, image_id: str) -> None:
+        """`image_id` is verified on `name` now: cached, no longer in flight, until the
+        node's next heartbeat says otherwise. Not a heartbeat: `last_heartbeat` stays."""
+        with self.db.session() as s:
+            row = s.get(NodeRow, name, with_for_update=True)
+            if row is None:
+                return
+            if image_id not in (row.cached or []):
+                row.cached = [*(row.cached or []), image_id]
+            if image_id in (row.in_flight or []):
+                row.in_flight = [i for i in row.in_flight if i != image_id]
+
     def get_node(self, name: str) -> Node:
         with self.db.session() as s:
             return node_model(self._node_row(s, name))

@@ -309,6 +309,12 @@ class DeploymentRun:
             with AgentClient(name, address, key, context=self.c.agent_context) as agent:
                 if p.needs_image:
                     self._fetch(agent, p, plan)
+                    # Placement and `auto` see it before the node's next heartbeat.
+                    try:
+                        self.side.repo.catalog.note_cached(name, self.image.id)
+                    except Exception:
+                        log.exception("deployment %s: noting %s cached on %s failed",
+                                      self.deployment.id[:8], self.image.id, name)
                 else:
                     p.fetched_s, p.progress = 0.0, 1.0
                 if self.cancel.is_set():
