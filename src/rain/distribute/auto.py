@@ -7,14 +7,17 @@ The rule, from the measurements in docs/benchmarks.md:
    cached images (a derived image over a cached base): `chunks` moves only
    the difference.
 3. One node: `http` — there is nobody to share with.
-4. More nodes: `bittorrent` when libtorrent is installed, else `tree`: both
-   use every node's upload, so the time stays near one image's transfer
-   time whatever the number of nodes, where http grows with it.
+4. More nodes: `tree`. It and `bittorrent` both use every node's upload, so
+   the time stays near one image's transfer time whatever the number of
+   nodes, where http grows with it; in the testbed the striped tree was
+   1.16–1.37 × the lower bound from 4 to 24 nodes, BitTorrent 1.42–2.80 ×
+   (whole 4 MiB pieces before a node can pass anything on), with the same
+   repository bytes (docs/benchmarks.md). `multicast` was faster still but
+   needs a network that carries multicast, which `auto` cannot know.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Sequence
 
 from rain.model import TransferMethod
@@ -37,6 +40,4 @@ def choose_method(
                                             f"{least:.0%} of its data already")
     if len(need) == 1:
         return str(TransferMethod.HTTP), "one node: nobody to share with"
-    if importlib.util.find_spec("libtorrent") is not None:
-        return str(TransferMethod.BITTORRENT), f"{len(need)} nodes share the upload"
-    return str(TransferMethod.TREE), f"{len(need)} nodes share the upload (no libtorrent)"
+    return str(TransferMethod.TREE), f"{len(need)} nodes share the upload (striped tree)"
