@@ -59,6 +59,7 @@ class Cluster:
 
     def __init__(self, root: Path, nodes: int, tls: bool) -> None:
         self.root, self.tls = root, tls
+        root.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.port = free_port()
         scheme = "https" if tls else "http"
