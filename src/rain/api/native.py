@@ -22,12 +22,11 @@ import json
 import logging
 import queue
 import re
-import socket
 import ssl
 import threading
 from collections.abc import Callable, MutableMapping
 from concurrent.futures import Future
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -38,6 +37,7 @@ from rain.api.files import DRAIN_LIMIT, bearer_token, download_headers
 from rain.api.ranges import RangeNotSatisfiable, parse_range
 from rain.api.sparse import MEDIA_TYPE, SparseBodyReader, sparse_header, sparse_parts, wants_sparse
 from rain.distribute.coordinator import Coordinator
+from rain.distribute.httpserver import ServingHTTPServer
 from rain.model import DiskFormat, InvalidRequest, RainError, User
 from rain.repo import Download, Repository
 from rain.store import ImageReader
@@ -419,8 +419,7 @@ def _format(values: list[str] | None) -> DiskFormat | None:
                              f"{', '.join(f.value for f in DiskFormat)}") from None
 
 
-class RainHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
+class RainHTTPServer(ServingHTTPServer):
     request_queue_size = 256
 
     def __init__(self, address: tuple[str, int], repo: Repository, app: FastAPI,
@@ -430,17 +429,4 @@ class RainHTTPServer(ThreadingHTTPServer):
         self.bridge = ASGIBridge(app)
         # Counts the bytes sent for deployments and reads their peer tokens.
         self.coordinator = coordinator
-        self.context = context
-        super().__init__(address, RainHandler)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, addr = super().get_request()
-        if self.context is not None:
-            # TLS: the handshake runs in the connection's thread, on its first read.
-            sock = self.context.wrap_socket(sock, server_side=True,
-                                            do_handshake_on_connect=False)
-        return sock, addr
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        super().server_bind()
+        super().__init__(address, RainHandler, context)

@@ -28,12 +28,12 @@ import hmac
 import json
 import logging
 import re
-import socket
 import ssl
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from rain.distribute.httpserver import ServingHTTPServer
 from rain.distribute.partial import TransferAborted
 from rain.distribute.peer import serve_stripe
 from rain.model.errors import Forbidden, InvalidRequest, NotFound, RainError, Unauthorized
@@ -251,24 +251,10 @@ class AgentHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-class AgentHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
+class AgentHTTPServer(ServingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], agent: Agent,
                  context: ssl.SSLContext | None = None) -> None:
         self.agent = agent
-        self.context = context
-        super().__init__(address, AgentHandler)
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        super().server_bind()
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, addr = super().get_request()
-        if self.context is not None:
-            # The handshake happens in the connection's own thread, on its first read.
-            sock = self.context.wrap_socket(sock, server_side=True,
-                                            do_handshake_on_connect=False)
-        return sock, addr
+        super().__init__(address, AgentHandler, context)
