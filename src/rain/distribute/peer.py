@@ -25,7 +25,6 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
 
 from rain.distribute.partial import PartialImage
 
@@ -50,33 +49,25 @@ def serve_stripe(partial: PartialImage, stripe: int, of: int, start: int,
 
     With a plain (non-TLS) `sock`, chunk bytes go from the page cache to the socket
     with sendfile: a relaying node never copies them through Python."""
-    direct = sock is not None and not isinstance(sock, ssl.SSLSocket)
+    if sock is not None and isinstance(sock, ssl.SSLSocket):
+        sock = None  # TLS encrypts in user space: no sendfile
     with os.fdopen(os.dup(partial.fileno()), "rb") as f:
-        _serve(partial, stripe, of, start, write, idle_timeout, on_sent,
-               sock if direct else None, f)
-
-
-def _serve(partial: PartialImage, stripe: int, of: int, start: int,
-           write: Callable[[bytes], object], idle_timeout: float,
-           on_sent: Callable[[int], None] | None, sock: socket.socket | None,
-           f: BinaryIO) -> None:
-    for i in stripe_indices(partial, stripe, of, start):
-        waited = 0.0
-        while not partial.wait(i, WAIT_STEP):
-            waited += WAIT_STEP
-            if waited >= idle_timeout:
-                raise TimeoutError(f"chunk {i} did not arrive within {idle_timeout:.0f} s")
-        n = partial.chunk_length(i)
-        if sock is not None:
-            sock.sendall(FRAME.pack(i, n))
-            # socket.sendfile waits for the socket itself (it may be non-blocking).
-            if sock.sendfile(f, i * partial.chunk_size, n) != n:
-                raise ConnectionError("the image file ended early")
-        else:
-            write(FRAME.pack(i, n) + partial.read(i))
-        if on_sent is not None:
-            on_sent(n)
-
+        for i in stripe_indices(partial, stripe, of, start):
+            waited = 0.0
+            while not partial.wait(i, WAIT_STEP):
+                waited += WAIT_STEP
+                if waited >= idle_timeout:
+                    raise TimeoutError(f"chunk {i} did not arrive within {idle_timeout:.0f} s")
+            n = partial.chunk_length(i)
+            if sock is not None:
+                sock.sendall(FRAME.pack(i, n))
+                # socket.sendfile waits for the socket itself (it may be non-blocking).
+                if sock.sendfile(f, i * partial.chunk_size, n) != n:
+                    raise ConnectionError("the image file ended early")
+            else:
+                write(FRAME.pack(i, n) + partial.read(i))
+            if on_sent is not None:
+                on_sent(n)
 
 
 def read_frames(resp: http.client.HTTPResponse, max_length: int) -> Iterator[tuple[int, bytes]]:
