@@ -99,7 +99,6 @@ class RepoSeeder:
         self.views: list[Session] = []
         self._torrents: dict[tuple[int, str], Seeded] = {}  # (session index, info hash)
         self._jobs: dict[str, JobSeeds] = {}
-        self._allowed: dict[str, set[str]] = {}
         self._turns: dict[str, Paced] = {}  # by info hash: its views' turns
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -127,7 +126,6 @@ class RepoSeeder:
         `peers`: where the job's nodes listen (the tracker knows), for the tail."""
         addresses = set(allowed)
         with self._lock:
-            self._allowed[job_id] = addresses
             baselines: dict[int, int] = {}
             full = self._add(FULL, info_hash, torrent, path, None, job_id)
             baselines[FULL] = int(full.handle.status().all_time_upload)
@@ -155,12 +153,8 @@ class RepoSeeder:
 
     def _schedule(self, handles: list[Any], zero: list[bool], stripes: int) -> Paced:
         ti = handles[0].torrent_file()
-        sizes = [0] * stripes
-        j = 0
-        for piece, z in enumerate(zero):
-            if not z:
-                sizes[j % stripes] += ti.piece_size(piece)
-                j += 1
+        sizes = [sum(ti.piece_size(p) for p, mine in enumerate(stripe_mask(zero, s, stripes))
+                     if mine) for s in range(stripes)]
         lanes = [Lane(limit=h.set_upload_limit, stripe_bytes=size)
                  for h, size in zip(handles, sizes, strict=True)]
         # view_turns 0: every view at once (the turns then only tell when all are sent)
@@ -268,7 +262,6 @@ class RepoSeeder:
         with self._lock:
             sent = self._uploaded(job_id)
             job = self._jobs.pop(job_id, None)
-            self._allowed.pop(job_id, None)
             for session in self.sessions:
                 session.disallow(job_id)
             if job is None:
