@@ -36,6 +36,7 @@ from rain.api import tracker as tracker_api  # noqa: E402
 from rain.distribute.bittorrent.config import BitTorrentConfig  # noqa: E402
 from rain.distribute.bittorrent.node import NodeSession  # noqa: E402
 from rain.distribute.bittorrent.seeder import RepoSeeder  # noqa: E402
+from rain.distribute.bittorrent.session import Session, settings_pack  # noqa: E402
 from rain.distribute.bittorrent.torrent import (  # noqa: E402
     bdecode,
     ensure_torrent,
@@ -287,6 +288,22 @@ def test_piece_size_keeps_torrents_small() -> None:
     assert piece_size_for((64 << 30) + 1) == 8 * MiB
     assert piece_size_for(1 << 40) == 64 * MiB
     assert piece_size_for(10 * MiB, BitTorrentConfig(piece_size=1 * MiB)) == 4 * MiB
+
+
+def test_sessions_keep_shallow_send_buffers() -> None:
+    # Deep per-connection buffers delayed a node's requests behind its uploads
+    # (docs/bittorrent.md, "Shallow send buffers"): the config must reach libtorrent.
+    cfg = BitTorrentConfig(send_socket_buffer=48 * 1024, send_buffer=128 * 1024)
+    for seeder in (False, True):
+        session = Session(settings_pack(cfg, "127.0.0.1", 0, seeder=seeder), "buffers")
+        try:
+            got = session.lt.get_settings()
+            assert got["send_socket_buffer_size"] == 48 * 1024
+            assert got["send_buffer_watermark"] == 128 * 1024
+            assert got["send_buffer_low_watermark"] == 32 * 1024
+        finally:
+            session.close()
+    assert BitTorrentConfig().send_socket_buffer == 64 * 1024
 
 
 # -- the tracker, over HTTP ------------------------------------------------------------------

@@ -31,7 +31,6 @@ from rain.distribute.bittorrent.config import BitTorrentConfig
 log = logging.getLogger("rain.distribute.bittorrent")
 # Peer id prefix of the repository's seeder: nodes count what it sends as repository bytes.
 SEEDER_FINGERPRINT = "-RR0100-"
-MiB = 1 << 20
 ALERTS = (lt.alert.category_t.error_notification | lt.alert.category_t.status_notification
           | lt.alert.category_t.storage_notification)
 NODE_ALERTS = ALERTS | lt.alert.category_t.peer_notification \
@@ -77,9 +76,11 @@ def settings_pack(cfg: BitTorrentConfig, host: str, port: int, *,
         "seed_choking_algorithm": int(lt.seed_choking_algorithm_t.round_robin),
         "peer_connect_timeout": 5,
         "handshake_timeout": 10,
-        # Deep enough pipes for a LAN link per connection, without a big buffer per peer.
-        "send_buffer_watermark": 4 * MiB,
-        "send_buffer_low_watermark": 1 * MiB,
+        # Shallow per-connection queues: requests and ACKs to a peer share its connection
+        # with the data sent to it (config.py says why).
+        "send_buffer_watermark": cfg.send_buffer,
+        "send_buffer_low_watermark": max(16 * 1024, cfg.send_buffer // 4),
+        "send_socket_buffer_size": cfg.send_socket_buffer,
         "max_out_request_queue": 1500,
         "request_queue_time": cfg.request_queue_time,
         # Two cores for everything: a couple of disk threads, one hasher.
