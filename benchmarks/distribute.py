@@ -374,6 +374,11 @@ def plot(runs: list[Run], out: Path) -> None:
     print(f"wrote {out}", file=sys.stderr)
 
 
+def congestion_control() -> str:
+    """The kernel's default, which the testbed's namespaces inherit (it changes results)."""
+    return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nodes", default="4,8,16,24")
@@ -421,8 +426,9 @@ def main() -> None:
     md = args.markdown
     print(f"# benchmarks/distribute.py — {started:%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{os.cpu_count()} cores; S = {human(bench.size)}, every link {args.rate} "
-          f"both ways, MTU {args.mtu} (T* at the nominal rate; TCP payload ≤ "
-          f"{(args.mtu - 52) / (args.mtu + 14):.3f} of it)\n")
+          f"both ways, MTU {args.mtu}, TCP congestion control {congestion_control()} "
+          f"(T* at the nominal rate; TCP payload ≤ {(args.mtu - 52) / (args.mtu + 14):.3f} "
+          "of it)\n")
     headers = ["N", "method", "makespan s", "first ready s", "T* s", "÷ T*", "vs http",
                "repo bytes ÷ S (wire)", "(report)", "peer bytes ÷ S", "CPU busy", "status"]
     earlier: list[Run] = []
