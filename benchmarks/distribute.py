@@ -114,7 +114,8 @@ class Bench:
         self.work = Path(args.work_dir)
         self.work.mkdir(parents=True, exist_ok=True)
         self.tb = Testbed(args.name, nodes=max(self.nodes), rate=args.rate, capacity=8,
-                          cache_size=args.cache_size, mtu=args.mtu)
+                          cache_size=args.cache_size, mtu=args.mtu,
+                          congestion=args.congestion)
         self.client: Client | None = None
         self.counter = 0
 
@@ -374,11 +375,6 @@ def plot(runs: list[Run], out: Path) -> None:
     print(f"wrote {out}", file=sys.stderr)
 
 
-def congestion_control() -> str:
-    """The kernel's default, which the testbed's namespaces inherit (it changes results)."""
-    return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nodes", default="4,8,16,24")
@@ -395,6 +391,8 @@ def main() -> None:
     ap.add_argument("--cache-size", default="12G")
     ap.add_argument("--mtu", type=int, default=9000,
                     help="jumbo frames: the kernel's per-packet work is most of the CPU")
+    ap.add_argument("--congestion", default="cubic",
+                    help="TCP congestion control of every testbed host")
     ap.add_argument("--name", default="bench")
     ap.add_argument("--seed", default="rain")
     ap.add_argument("--work-dir", default="/tmp/rain-bench-distribute")
@@ -426,7 +424,7 @@ def main() -> None:
     md = args.markdown
     print(f"# benchmarks/distribute.py — {started:%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{os.cpu_count()} cores; S = {human(bench.size)}, every link {args.rate} "
-          f"both ways, MTU {args.mtu}, TCP congestion control {congestion_control()} "
+          f"both ways, MTU {args.mtu}, TCP congestion control {args.congestion} "
           f"(T* at the nominal rate; TCP payload ≤ {(args.mtu - 52) / (args.mtu + 14):.3f} "
           "of it)\n")
     headers = ["N", "method", "makespan s", "first ready s", "T* s", "÷ T*", "vs http",

@@ -7,6 +7,7 @@ import ipaddress
 import pytest
 
 from rain.model.errors import InvalidRequest
+from rain.testbed.net import Batch
 from rain.testbed.plan import (
     MAX_NODES,
     SPACE,
@@ -111,3 +112,19 @@ def test_fair_buckets_separate_the_nodes() -> None:
     assert fair_buckets(3) == 4
     assert fair_buckets(24) == 32
     assert fair_buckets(1000) == 64
+
+
+def test_a_delay_puts_netem_at_the_root_and_the_rate_limit_under_it() -> None:
+    # This machine's kernel has no sch_netem, so the `--latency` path is checked as the
+    # tc commands it would run (netem's documented order for rate plus delay).
+    shaping = Shaping.for_rate(25_000_000)
+    plain = Batch("ns").shape("eth0", shaping)
+    assert plain.tc_lines == [f"qdisc add dev eth0 root handle 1: tbf rate 25000000bit "
+                              f"burst {shaping.burst} limit {shaping.limit}"]
+    delayed = Batch("ns").shape("eth0", shaping, delay=0.005)
+    root, child = delayed.tc_lines
+    assert root == "qdisc add dev eth0 root handle 9: netem delay 5000us limit 1000"
+    assert child.startswith("qdisc add dev eth0 parent 9:1 handle 1: tbf rate 25000000bit")
+    # netem's queue holds twice what is in flight during the delay, at least 1000 packets
+    slow = Batch().shape("eth0", Shaping.for_rate(10_000_000_000), delay=0.01)
+    assert slow.tc_lines[0].endswith(f"limit {int(10_000_000_000 / 8 * 0.01 / 1500) * 2}")

@@ -183,19 +183,26 @@ def test_unknown_node(tb: Testbed) -> None:
 
 
 
-def test_jumbo_frames_on_every_link(tmp_path: Path) -> None:
+def test_jumbo_frames_and_one_congestion_control_on_every_host(tmp_path: Path) -> None:
     from tests.testbed.conftest import unique_name
 
     with pytest.raises(InvalidRequest, match="bad mtu"):
         Testbed(unique_name(), nodes=1, rate="50mbit", mtu=100)
+    with pytest.raises(InvalidRequest, match="bad congestion control 'nosuch'"):
+        Testbed(unique_name(), nodes=1, rate="50mbit", congestion="nosuch")
+    # reno: never this machine's default, so the namespaces cannot have inherited it
     jumbo = Testbed(unique_name(), nodes=2, rate="50mbit", data_dir=tmp_path, agents=False,
-                    mtu=9000)
+                    mtu=9000, congestion="reno")
     try:
         jumbo.up()
-        assert jumbo.describe()["mtu"] == 9000
+        assert (jumbo.describe()["mtu"], jumbo.describe()["congestion"]) == (9000, "reno")
         for ns in [jumbo.repo.namespace, *(n.namespace for n in jumbo.nodes)]:
             eth0 = ip_json("-n", ns, "link", "show", "eth0")[0]
             assert eth0["mtu"] == 9000
+            cc = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n",
+                                 "net.ipv4.tcp_congestion_control"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+            assert cc == "reno"
         switch = [link for link in ip_json("-n", jumbo.describe()["switch"], "link", "show")
                   if link["ifname"] != "lo"]
         assert switch and all(link["mtu"] == 9000 for link in switch)

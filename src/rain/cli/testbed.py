@@ -38,6 +38,9 @@ def up(nodes: Annotated[int, typer.Option("--nodes", help="Number of compute nod
        mtu: Annotated[int, typer.Option(
            "--mtu", help="Every link's MTU (9000: jumbo frames, much less CPU per byte)")]
        = 1500,
+       congestion: Annotated[str, typer.Option(
+           "--congestion", help="Every host's TCP congestion control (not the machine's "
+                                "default, so results are comparable)")] = "cubic",
        name: Name = DEFAULT_NAME, data_dir: TestbedDir = None,
        cache_size: Annotated[str, typer.Option(help="Each agent's cache size")] = "8G",
        capacity: Annotated[int, typer.Option(help="Instances per node")] = 8,
@@ -54,7 +57,7 @@ def up(nodes: Annotated[int, typer.Option("--nodes", help="Number of compute nod
        json: Json = False) -> None:
     """Create the namespaces and links, start the repository and the agents."""
     tb = Testbed(name, nodes, rate, data_dir, repo_rate=repo_rate, latency=latency, mtu=mtu,
-                 cache_size=cache_size, capacity=capacity, agents=agents,
+                 congestion=congestion, cache_size=cache_size, capacity=capacity, agents=agents,
                  server_args=server_arg or [], agent_args=agent_arg or [], slot=slot,
                  timeout=timeout)
     tb.up()
@@ -69,6 +72,7 @@ def up(nodes: Annotated[int, typer.Option("--nodes", help="Number of compute nod
         shaped += f", +{info['latency']} one way"
     if info["mtu"] != 1500:
         shaped += f", MTU {info['mtu']}"
+    shaped += f", TCP {info['congestion']}"
     err.print(f"testbed {name} is up: {nodes} nodes{'' if agents else ' (no agents)'}, "
               f"{shaped}; data in {info['data_dir']}", markup=False, highlight=False)
     _show(info)

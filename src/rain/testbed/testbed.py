@@ -82,7 +82,8 @@ class Testbed:
 
     def __init__(self, name: str = DEFAULT_NAME, nodes: int = 3, rate: str | int = "1gbit",
                  data_dir: str | Path | None = None, *, repo_rate: str | int | None = None,
-                 latency: str | None = None, mtu: int = 1500, cache_size: str = "8G",
+                 latency: str | None = None, mtu: int = 1500, congestion: str = "cubic",
+                 cache_size: str = "8G",
                  capacity: int = 8,
                  agents: bool = True, server_args: Sequence[str] = (),
                  agent_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
@@ -95,6 +96,7 @@ class Testbed:
         if not 576 <= mtu <= 65535:
             raise InvalidRequest(f"bad mtu {mtu}: use 576 to 65535 (9000: jumbo frames)")
         self.mtu = mtu
+        self.congestion = network.check_congestion(congestion)
         if capacity < 1:
             raise InvalidRequest(f"bad capacity {capacity}: must be at least 1")
         if slot is not None:
@@ -153,7 +155,8 @@ class Testbed:
                 self.plan = network.claim(self.name, self.node_count, self.slot)
                 try:
                     self._write_state("creating")
-                    network.build(self.plan, self.rate, self.repo_rate, self.latency, self.mtu)
+                    network.build(self.plan, self.rate, self.repo_rate, self.latency, self.mtu,
+                                  self.congestion)
                 except BaseException:
                     self.down()
                     raise
@@ -194,7 +197,8 @@ class Testbed:
             raise NotFound(f"no testbed state in {path}") from None
         tb = cls(state["name"], len(state["nodes"]), state["rate_bps"], state["data_dir"],
                  repo_rate=state["repo_rate_bps"], latency=state.get("latency"),
-                 mtu=int(state.get("mtu", 1500)), cache_size=state["cache_size"],
+                 mtu=int(state.get("mtu", 1500)),
+                 congestion=state.get("congestion", "cubic"), cache_size=state["cache_size"],
                  capacity=state["capacity"],
                  agents=state["agents"], server_args=state["server_args"],
                  agent_args=state["agent_args"], slot=state["slot"])
@@ -213,7 +217,7 @@ class Testbed:
             "rate": format_rate(self.rate), "rate_bps": self.rate,
             "repo_rate": format_rate(self.repo_rate), "repo_rate_bps": self.repo_rate,
             "latency": f"{self.latency * 1e3:g}ms" if self.latency else None,
-            "mtu": self.mtu,
+            "mtu": self.mtu, "congestion": self.congestion,
             "repo": _host_dict(plan.repo),
             "nodes": [_host_dict(n) for n in plan.nodes],
             "data_dir": str(self.data_dir), "cache_size": self.cache_size,
