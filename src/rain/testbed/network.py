@@ -89,8 +89,8 @@ def build(plan: Plan, rate: int, repo_rate: int, latency: float | None,
     `mtu` applies to every link: 9000 (jumbo frames, usual in HPC clusters) cuts the
     kernel's per-packet work, which is most of what emulating many hosts on one
     machine costs. `congestion` is every host's TCP congestion control: a new namespace
-    inherits the machine's default, and bbr and cubic differed by 8 % in a 24-node
-    swarm (docs/bittorrent.md), so results must not depend on the host's sysctl."""
+    inherits the machine's default, and bbr was 6-9 % slower than cubic in 24-node
+    swarms (docs/bittorrent.md), so results must not depend on the host's sysctl."""
     node_shaping, repo_shaping = Shaping.for_rate(rate), Shaping.for_rate(repo_rate)
     fair = net.FairQueue("dst", fair_buckets(len(plan.nodes)), (plan.repo.address,))
     net.Batch().add_netns(plan.switch).run()
