@@ -241,8 +241,15 @@ def test_latency_delays_what_every_host_sends(tmp_path: Path) -> None:
                 for node in delayed.nodes for _ in range(3)]
         # the SYN leaves through the node's delayed upload, the SYN-ACK through the
         # repository's: a lower bound set by netem, not a speed
-        print("handshake seconds:", rtts)
         assert min(rtts) >= 0.038, rtts
+        # ... because every host's upload has a netem root (a slow machine alone must not
+        # pass this test)
+        from rain.testbed.net import tc_json
+        for host in (delayed.repo, *delayed.nodes):
+            roots = [q for q in tc_json("qdisc", "show", "dev", host.upload_dev,
+                                        ns=delayed.describe()["switch"])
+                     if q.get("root")]
+            assert [q["kind"] for q in roots] == ["netem"], roots
     finally:
         delayed.down()
         assert leftovers(delayed.name) == []
