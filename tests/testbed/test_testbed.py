@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rain.model.errors import Conflict, InvalidRequest
+from rain.model.errors import Conflict, InvalidRequest, Unsupported
 from rain.testbed import Testbed
+from rain.testbed.net import tc_json
 from rain.testbed.probe import measure_tcp
 from tests.testbed.conftest import alive, leftovers, needs_root
 
@@ -222,7 +223,6 @@ def test_jumbo_frames_and_one_congestion_control_on_every_host(tmp_path: Path) -
 def test_latency_delays_what_every_host_sends(tmp_path: Path) -> None:
     # Needs sch_netem, which this machine's kernel lacks (the test then skips; the
     # one-line error is test_cli's). Verified in a VM with a Debian kernel: docs/testbed.md.
-    from rain.model.errors import Unsupported
     from tests.testbed.conftest import unique_name
 
     delayed = Testbed(unique_name(), nodes=2, rate="50mbit", data_dir=tmp_path, agents=False,
@@ -244,7 +244,6 @@ def test_latency_delays_what_every_host_sends(tmp_path: Path) -> None:
         assert min(rtts) >= 0.038, rtts
         # ... because every host's upload has a netem root (a slow machine alone must not
         # pass this test)
-        from rain.testbed.net import tc_json
         for host in (delayed.repo, *delayed.nodes):
             roots = [q for q in tc_json("qdisc", "show", "dev", host.upload_dev,
                                         ns=delayed.describe()["switch"])

@@ -9,11 +9,11 @@ The rule, from the measurements in docs/benchmarks.md:
 3. One node: `http` — there is nobody to share with.
 4. More nodes: `tree`. It and `bittorrent` both use every node's upload, so
    the time stays near one image's transfer time whatever the number of
-   nodes, where http grows with it; in the testbed the striped tree was
-   1.16–1.37 × the lower bound from 4 to 24 nodes, BitTorrent 1.42–2.80 ×
+   nodes, where http grows with it; in the testbed (128 MiB) the striped tree
+   was 1.09–1.21 × the lower bound from 4 to 24 nodes, BitTorrent 1.25–2.27 ×
    (whole 4 MiB pieces before a node can pass anything on), with the same
-   repository bytes (docs/benchmarks.md). `multicast` was faster still but
-   needs a network that carries multicast, which `auto` cannot know.
+   repository bytes (docs/benchmarks.md). `multicast` was as close (1.11–1.19 ×)
+   but needs a network that carries multicast, which `auto` cannot know.
 """
 
 from __future__ import annotations
