@@ -207,7 +207,8 @@ def test_a_kvm_that_dies_under_a_real_boot_falls_back_to_tcg(
         if accel == "kvm":
             return boot.BootResult(ok=False, seconds=0.3, accel="kvm", console_log="",
                                    reason="qemu exited with status -6: qemu-system-x86_64: "
-                                          "../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs")
+                                          "../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs",
+                                   accel_failed=True)
         return boot.BootResult(ok=True, seconds=20.0, accel="tcg", console_log="rain-boot-ok",
                                reason="seen")
 

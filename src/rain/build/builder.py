@@ -38,9 +38,9 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from rain.build.boot import boot_test
+from rain.build.boot import ACCEL_SETTINGS, AccelSetting, boot_test
 from rain.build.chroot import Chroot
 from rain.build.disk import copy_disk, make_disk, open_disk
 from rain.build.distros import DistroInstaller, unmount_under
@@ -70,22 +70,27 @@ class BuildFailed(RainError):
 
 def make_runner(repo: Repository, config: Config) -> ImageBuilder:
     """The build queue's runner (`[build] runner`); Unsupported when this host cannot build."""
+    if config.build.accel not in ACCEL_SETTINGS:
+        raise InvalidRequest(f"[build] accel = {config.build.accel!r}: use "
+                             f"{', '.join(ACCEL_SETTINGS)}")
     for tool in ("debootstrap", "mke2fs", "sfdisk", "losetup", "qemu-img", "unshare"):
         if shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin") is None:
             raise Unsupported(f"image builds need {tool}, which is not installed")
     return ImageBuilder(repo, Path(config.data_dir), boot_test=config.build.boot_test,
-                        boot_timeout=config.build.boot_timeout)
+                        boot_timeout=config.build.boot_timeout,
+                        accel=cast(AccelSetting, config.build.accel))
 
 
 class ImageBuilder:
     """`BuildRunner` for Debian templates (one installer per distribution)."""
 
     def __init__(self, repo: Repository, data_dir: Path, *, boot_test: bool = True,
-                 boot_timeout: float = 180.0) -> None:
+                 boot_timeout: float = 180.0, accel: AccelSetting = "auto") -> None:
         self.repo = repo
         self.installers: dict[str, DistroInstaller] = {"debian": DebianInstaller()}
         self.boot_test = boot_test
         self.boot_timeout = boot_timeout
+        self.accel: AccelSetting = accel
         cache = Path(data_dir).absolute() / "cache"
         self.apt_cache = cache / "apt"
         self.debootstrap_cache = cache / "debootstrap"
@@ -196,7 +201,8 @@ class ImageBuilder:
             return qcow2, None
         with self._phase(progress, "boot-test"):
             result = boot_test(qcow2, fmt="qcow2", timeout=self.boot_timeout,
-                               log_path=work / "console.log", log=progress.log)
+                               log_path=work / "console.log", accel=self.accel,
+                               log=progress.log)
         if not result.ok:
             for line in result.console_log.splitlines()[-CONSOLE_LINES:]:
                 progress.log(f"console: {line}")

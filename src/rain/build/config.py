@@ -25,3 +25,6 @@ class BuildConfig:
     boot_test: bool = True
     # Seconds the boot test waits for the image's boot marker (TCG is slow).
     boot_timeout: float = 180.0
+    # QEMU accelerator of boot tests: "auto" (KVM when a probe shows it boots guests, TCG
+    # otherwise, and TCG for good once KVM fails a real boot), "kvm" or "tcg".
+    accel: str = "auto"
