@@ -391,8 +391,9 @@ def main() -> None:
     ap.add_argument("--cache-size", default="12G")
     ap.add_argument("--mtu", type=int, default=9000,
                     help="jumbo frames: the kernel's per-packet work is most of the CPU")
-    ap.add_argument("--congestion", default="cubic",
-                    help="TCP congestion control of every testbed host")
+    ap.add_argument("--congestion", default=None,
+                    help="TCP congestion control of every testbed host [default: cubic, or "
+                         "the machine's default where the kernel lacks it]")
     ap.add_argument("--name", default="bench")
     ap.add_argument("--seed", default="rain")
     ap.add_argument("--work-dir", default="/tmp/rain-bench-distribute")
@@ -422,11 +423,13 @@ def main() -> None:
         bench.down()
 
     md = args.markdown
+    cc = bench.tb.congestion
     print(f"# benchmarks/distribute.py — {started:%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{os.cpu_count()} cores; S = {human(bench.size)}, every link {args.rate} "
-          f"both ways, MTU {args.mtu}, TCP congestion control {args.congestion} "
+          f"both ways, MTU {args.mtu}, TCP congestion control "
+          f"{cc.name if cc else args.congestion} "
           f"(T* at the nominal rate; TCP payload ≤ {(args.mtu - 52) / (args.mtu + 14):.3f} "
-          "of it)\n")
+          "of it)" + (f"; {cc.note}" if cc and cc.note else "") + "\n")
     headers = ["N", "method", "makespan s", "first ready s", "T* s", "÷ T*", "vs http",
                "repo bytes ÷ S (wire)", "(report)", "peer bytes ÷ S", "CPU busy", "status"]
     earlier: list[Run] = []

@@ -38,9 +38,10 @@ def up(nodes: Annotated[int, typer.Option("--nodes", help="Number of compute nod
        mtu: Annotated[int, typer.Option(
            "--mtu", help="Every link's MTU (9000: jumbo frames, much less CPU per byte)")]
        = 1500,
-       congestion: Annotated[str, typer.Option(
-           "--congestion", help="Every host's TCP congestion control (not the machine's "
-                                "default, so results are comparable)")] = "cubic",
+       congestion: Annotated[str | None, typer.Option(
+           "--congestion", help="Every host's TCP congestion control, not the machine's "
+                                "default, so results are comparable [default: cubic, or the "
+                                "machine's default where the kernel lacks cubic]")] = None,
        name: Name = DEFAULT_NAME, data_dir: TestbedDir = None,
        cache_size: Annotated[str, typer.Option(help="Each agent's cache size")] = "8G",
        capacity: Annotated[int, typer.Option(help="Instances per node")] = 8,
@@ -75,6 +76,8 @@ def up(nodes: Annotated[int, typer.Option("--nodes", help="Number of compute nod
     shaped += f", TCP {info['congestion']}"
     err.print(f"testbed {name} is up: {nodes} nodes{'' if agents else ' (no agents)'}, "
               f"{shaped}; data in {info['data_dir']}", markup=False, highlight=False)
+    if info["congestion_note"]:
+        err.print(f"note: {info['congestion_note']}", markup=False, highlight=False)
     _show(info)
 
 

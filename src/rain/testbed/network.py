@@ -16,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import ipaddress
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from rain.model.errors import Conflict, InvalidRequest, Unsupported
+from rain.model.errors import Conflict, Unsupported
 from rain.testbed import net, teardown
+from rain.testbed.congestion import Congestion
 from rain.testbed.plan import (
     SLOT_PREFIX,
     SLOTS,
@@ -37,15 +39,29 @@ NO_NETEM = "this kernel has no netem qdisc (sch_netem): --latency is not availab
 _NO_IPV6 = {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}
 
 
+_held = threading.local()  # how deep this thread is inside creation_lock
+
+
 @contextlib.contextmanager
 def creation_lock(lock_file: Path) -> Iterator[None]:
-    """Held while a testbed claims its name and slot and creates its network."""
-    lock_file.parent.mkdir(mode=0o700, exist_ok=True)
-    with open(lock_file, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    """Held while a testbed claims its name and slot, creates its network or puts host
+    settings back; re-entrant within a thread (a failed `up` calls `down` while holding it)."""
+    depth = getattr(_held, "depth", 0)
+    if depth:
+        _held.depth = depth + 1
         try:
             yield
         finally:
+            _held.depth = depth
+        return
+    lock_file.parent.mkdir(mode=0o700, exist_ok=True)
+    with open(lock_file, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        _held.depth = 1
+        try:
+            yield
+        finally:
+            _held.depth = 0
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -72,25 +88,14 @@ def claim(name: str, nodes: int, slot: int | None) -> Plan:
     return make_plan(name, nodes, slot)
 
 
-def check_congestion(name: str) -> str:
-    """A TCP congestion control this kernel has (the testbed pins one, see `build`)."""
-    path = Path("/proc/sys/net/ipv4/tcp_available_congestion_control")
-    available = path.read_text().split() if path.exists() else []
-    if name not in available:
-        raise InvalidRequest(f"bad congestion control {name!r}: this kernel has "
-                             f"{', '.join(available) or 'none listed'}")
-    return name
-
-
 def build(plan: Plan, rate: int, repo_rate: int, latency: float | None,
-          mtu: int = 1500, congestion: str = "cubic") -> None:
+          mtu: int = 1500, congestion: Congestion | None = None) -> None:
     """Create everything in `plan`; on error the caller removes it by name.
 
     `mtu` applies to every link: 9000 (jumbo frames, usual in HPC clusters) cuts the
     kernel's per-packet work, which is most of what emulating many hosts on one
-    machine costs. `congestion` is every host's TCP congestion control: a new namespace
-    inherits the machine's default, and bbr was 6-9 % slower than cubic in 24-node
-    swarms (docs/bittorrent.md), so results must not depend on the host's sysctl."""
+    machine costs. `congestion` is every host's TCP congestion control (`rain.testbed.
+    congestion`: set in each namespace unless they inherit it; None: the machine's)."""
     node_shaping, repo_shaping = Shaping.for_rate(rate), Shaping.for_rate(repo_rate)
     fair = net.FairQueue("dst", fair_buckets(len(plan.nodes)), (plan.repo.address,))
     net.Batch().add_netns(plan.switch).run()
@@ -103,8 +108,9 @@ def build(plan: Plan, rate: int, repo_rate: int, latency: float | None,
     root.run()
     net.disable_ipv6_on(plan.host_link)
     with ThreadPoolExecutor(max_workers=4) as pool:
-        tcp = {"net.ipv4.tcp_congestion_control": congestion}
-        list(pool.map(lambda h: net.sysctl_in(h.namespace, tcp), plan.hosts))
+        if congestion is not None and congestion.set_in_hosts:
+            tcp = {"net.ipv4.tcp_congestion_control": congestion.name}
+            list(pool.map(lambda h: net.sysctl_in(h.namespace, tcp), plan.hosts))
         if Path("/proc/sys/net/ipv6").exists():
             # No router solicitations or MLD reports in the byte counters.
             list(pool.map(lambda ns: net.sysctl_in(ns, _NO_IPV6), plan.namespaces))

@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Any
 
 from rain.model.errors import Forbidden, InvalidRequest, NotFound
+from rain.testbed import congestion as tcp
 from rain.testbed import net, network, services, teardown
 from rain.testbed.plan import (
     Host,
@@ -47,6 +48,8 @@ STATE_FILE = "testbed.json"
 # /run is cleared at boot, as namespaces are: what is here describes what exists.
 RUN_DIR = Path("/run/rain-testbed")
 LOCK_FILE = RUN_DIR / "lock"  # serialises the choice of names and slots
+# The allowed congestion controls before a testbed widened them (rain.testbed.congestion).
+CONGESTION_RECORD = RUN_DIR / "tcp_allowed_congestion_control"
 
 
 def default_data_dir(name: str) -> Path:
@@ -82,7 +85,7 @@ class Testbed:
 
     def __init__(self, name: str = DEFAULT_NAME, nodes: int = 3, rate: str | int = "1gbit",
                  data_dir: str | Path | None = None, *, repo_rate: str | int | None = None,
-                 latency: str | None = None, mtu: int = 1500, congestion: str = "cubic",
+                 latency: str | None = None, mtu: int = 1500, congestion: str | None = None,
                  cache_size: str = "8G",
                  capacity: int = 8,
                  agents: bool = True, server_args: Sequence[str] = (),
@@ -96,7 +99,9 @@ class Testbed:
         if not 576 <= mtu <= 65535:
             raise InvalidRequest(f"bad mtu {mtu}: use 576 to 65535 (9000: jumbo frames)")
         self.mtu = mtu
-        self.congestion = network.check_congestion(congestion)
+        tcp.check(congestion)
+        self.congestion_request = congestion  # None: cubic, or the machine's default
+        self.congestion: tcp.Congestion | None = None  # chosen by up()
         if capacity < 1:
             raise InvalidRequest(f"bad capacity {capacity}: must be at least 1")
         if slot is not None:
@@ -154,6 +159,7 @@ class Testbed:
                 # From here on, everything called rain-NAME-* is ours to remove.
                 self.plan = network.claim(self.name, self.node_count, self.slot)
                 try:
+                    self.congestion = tcp.choose(self.congestion_request, CONGESTION_RECORD)
                     self._write_state("creating")
                     network.build(self.plan, self.rate, self.repo_rate, self.latency, self.mtu,
                                   self.congestion)
@@ -198,11 +204,14 @@ class Testbed:
         tb = cls(state["name"], len(state["nodes"]), state["rate_bps"], state["data_dir"],
                  repo_rate=state["repo_rate_bps"], latency=state.get("latency"),
                  mtu=int(state.get("mtu", 1500)),
-                 congestion=state.get("congestion", "cubic"), cache_size=state["cache_size"],
+                 congestion=state.get("congestion"), cache_size=state["cache_size"],
                  capacity=state["capacity"],
                  agents=state["agents"], server_args=state["server_args"],
                  agent_args=state["agent_args"], slot=state["slot"])
         tb.plan = make_plan(tb.name, tb.node_count, state["slot"])
+        if state.get("congestion"):
+            tb.congestion = tcp.Congestion(state["congestion"], True,
+                                           state.get("congestion_note", ""))
         tb.token = state["token"]
         tb.pids = {k: int(v) for k, v in state["pids"].items()}
         return tb
@@ -217,7 +226,9 @@ class Testbed:
             "rate": format_rate(self.rate), "rate_bps": self.rate,
             "repo_rate": format_rate(self.repo_rate), "repo_rate_bps": self.repo_rate,
             "latency": f"{self.latency * 1e3:g}ms" if self.latency else None,
-            "mtu": self.mtu, "congestion": self.congestion,
+            "mtu": self.mtu,
+            "congestion": self.congestion.name if self.congestion else self.congestion_request,
+            "congestion_note": self.congestion.note if self.congestion else "",
             "repo": _host_dict(plan.repo),
             "nodes": [_host_dict(n) for n in plan.nodes],
             "data_dir": str(self.data_dir), "cache_size": self.cache_size,
@@ -323,6 +334,9 @@ def down(name: str, data_dir: str | Path | None = None, *,
          purge: bool = False) -> teardown.Removed:
     """Remove testbed `name` (state file or not) and its state file; `purge`: its data too."""
     removed = teardown.destroy(check_name(name))
+    with network.creation_lock(LOCK_FILE):
+        if not teardown.existing_testbeds():
+            tcp.restore_allowed(CONGESTION_RECORD)
     path = find_data_dir(name, data_dir)
     with contextlib.suppress(FileNotFoundError):
         (path / STATE_FILE).unlink()
