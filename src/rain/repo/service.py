@@ -136,6 +136,8 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords):
 
     def search(self, viewer: User | None, query: ImageQuery) -> tuple[list[Image], int]:
         self._require_read(viewer)
+        if query.parent:  # a reference like any other (docs/api.md, References)
+            query.parent = self.catalog.resolve(query.parent, viewer).id
         return self.catalog.search(query, viewer)
 
     def match(self, viewer: User | None, req: Requirements,
