@@ -196,12 +196,15 @@ class DeploymentCatalog:
             rows = s.scalars(stmt.order_by(InstanceRow.created, InstanceRow.id)).all()
             return [instance_model(r) for r in rows]
 
-    def live_instance_counts(self) -> dict[str, int]:
-        """Instances being made or ready, per node: what the repository itself has put there
-        (heartbeats say the same, but only every few seconds)."""
+    def live_instance_counts(self, image_id: str | None = None) -> dict[str, int]:
+        """Instances being made or ready (of `image_id`, if given), per node: what the
+        repository itself has put there (heartbeats say the same, but only every few
+        seconds)."""
         live = [str(InstanceStatus.CREATING), str(InstanceStatus.READY)]
-        stmt = (select(InstanceRow.node, func.count()).where(InstanceRow.status.in_(live))
-                .group_by(InstanceRow.node))
+        stmt = select(InstanceRow.node, func.count()).where(InstanceRow.status.in_(live))
+        if image_id is not None:
+            stmt = stmt.where(InstanceRow.image_id == image_id)
+        stmt = stmt.group_by(InstanceRow.node)
         with self.db.session() as s:
             return {str(node): int(n) for node, n in s.execute(stmt).all()}
 

@@ -343,16 +343,46 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords):
             raise NotFound(f"image {image.id} is not shared with {user or group!r}")
         return self.catalog.get_image(image.id)
 
-    def delete(self, viewer: User | None, ref: str) -> Image:
+    def delete(self, viewer: User | None, ref: str, *, force: bool = False) -> Image:
+        """Delete an image; refused (409) while images derive from it or live instance
+        disks are backed by it, unless `force`."""
         image = self.catalog.resolve(ref, require_user(viewer))
         require_modify(viewer, image, "delete")
         if image.protected:
             raise Forbidden(f"image {image.id} is protected; unprotect it before deleting")
+        if not force:
+            self._refuse_if_depended_on(viewer, image)
         self.catalog.transition(image.id, [s for s in ImageStatus if s != ImageStatus.DELETED],
                                 ImageStatus.DELETED)
         self.catalog.drop_variants(image.id)
         image.status = ImageStatus.DELETED
         return image
+
+    def _refuse_if_depended_on(self, viewer: User | None, image: Image) -> None:
+        children = self.catalog.child_ids(image.id)
+        live = self.catalog.live_instance_counts(image.id)
+        if not children and not live:
+            return
+        reasons = []
+        visible = self.catalog.visible_image_ids(children, viewer)
+        seen = [c for c in children if c in visible]
+        if children:
+            shown = [f"{c[:8]} {self.catalog.get_image(c).name}" for c in seen[:5]]
+            if len(seen) > 5:
+                shown.append(f"{len(seen) - 5} more")
+            if len(children) > len(seen):
+                shown.append(f"{len(children) - len(seen)} you cannot see")
+            reasons.append(f"it is the parent of {len(children)} image"
+                           f"{'s' if len(children) != 1 else ''} ({', '.join(shown)})")
+        if live:
+            total = sum(live.values())
+            where = ", ".join(f"{n} on {node}" for node, n in sorted(live.items()))
+            reasons.append(f"it backs {total} live instance{'s' if total != 1 else ''} "
+                           f"({where})")
+        raise Conflict(f"image {image.id} was not deleted: {'; '.join(reasons)}; delete those "
+                       "first, or force it (rain rm --force, API ?force=true)",
+                       details={"children": seen, "children_total": len(children),
+                                "live_instances": sum(live.values())})
 
     # -- usage and maintenance ------------------------------------------------
     def usage(self, viewer: User | None, ref: str | None = None, user: str | None = None,
