@@ -79,7 +79,10 @@ def test_register_heartbeat_list_remove(server: Server, tokens: dict[str, str]) 
     assert beat["running_instances"] == 3 and beat["capacity_instances"] == 8
     assert beat["last_heartbeat"] >= node["last_heartbeat"]
     listed = {n["name"]: n for n in alice.nodes()}  # any user may look
-    assert listed["reg-1"]["cached"] == ["img-a"] and listed["reg-1"]["in_flight"] == ["img-b"]
+    # ... but only at the cached images she may see (these ids are no image of hers)
+    assert listed["reg-1"]["cached"] == [] and listed["reg-1"]["in_flight"] == []
+    seen = {n["name"]: n for n in admin.nodes()}["reg-1"]
+    assert seen["cached"] == ["img-a"] and seen["in_flight"] == ["img-b"]
     assert listed["reg-1"]["cache_used"] == 1 << 30 and listed["reg-1"]["up"] is True
     assert alice.node("reg-1") == listed["reg-1"]
 

@@ -104,7 +104,7 @@ class RecordingRunner:
             meta["version"] = template.version
         if template.base.kind == "image":
             meta["parent"] = self._image_id(viewer, template.base)
-        image = self.repo.create(viewer, meta)
+        image = self.repo.create(viewer, meta, internal=True)
         return self.repo.upload_file(viewer, image.id, disk).id
 
     @staticmethod

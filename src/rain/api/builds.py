@@ -13,7 +13,7 @@ from rain.api.deps import repo, viewer
 from rain.api.images import parse_duration
 from rain.build.jobs import BuildQueue
 from rain.build.template import parse_template
-from rain.model import Build, Image, InvalidRequest, RainError, User
+from rain.model import Build, Image, ImageStatus, InvalidRequest, RainError, User
 from rain.repo import Repository
 
 router = APIRouter(prefix="/v1")
@@ -142,10 +142,11 @@ def rebuild_image(ref: str, queue: Builds, user: Viewer) -> JSONResponse:
 @router.get("/images/{ref}/pedigree", tags=["images"])
 def pedigree(ref: str, r: Repo, user: Viewer) -> dict[str, Any]:
     """The image, its parent, … as far as you may see; an image you may not see ends the
-    chain as `{"id", "hidden": true}`. Each entry says what its template starts `from`."""
+    chain as `{"id", "hidden": true}`, a deleted one is shown with `"deleted": true`.
+    Each entry says what its template starts `from`."""
     chain, hidden = r.pedigree(user, ref)
-    entries = [{**image.to_dict(), "from": _template_from(image), "hidden": False}
-               for image in chain]
+    entries = [{**image.to_dict(), "from": _template_from(image), "hidden": False,
+                "deleted": image.status == ImageStatus.DELETED} for image in chain]
     if hidden:
         entries.append({"id": hidden, "hidden": True})
     return {"pedigree": entries}

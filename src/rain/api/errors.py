@@ -9,10 +9,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from rain.model.errors import RainError
 
 log = logging.getLogger("rain.api")
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 def error_response(status: int, code: str, message: str,
@@ -28,6 +30,16 @@ def error_headers(exc: RainError) -> dict[str, str]:
     if retry_after is not None:
         headers["Retry-After"] = str(int(retry_after))
     return headers
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route takes on this path. Asked of the routes themselves, one
+    method at a time: FastAPI makes one route per method (so Starlette's own Allow names
+    only the first) and nests included routers."""
+    scope = request.scope
+    return [m for m in HTTP_METHODS if any(
+        route.matches({**scope, "method": m})[0] == Match.FULL
+        for route in request.app.router.routes)]
 
 
 def install(app: FastAPI) -> None:
@@ -46,8 +58,12 @@ def install(app: FastAPI) -> None:
                               f"{where}: {first.get('msg', 'invalid request')}".strip(": "))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
+    async def _http(req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 405:
+            allowed = ", ".join(allowed_methods(req))
+            return error_response(405, "method_not_allowed", f"{req.method} is not allowed on "
+                                  f"{req.url.path}; it takes {allowed}", {"Allow": allowed})
+        code = {404: "not_found"}.get(exc.status_code, "error")
         return error_response(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)

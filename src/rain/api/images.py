@@ -207,8 +207,10 @@ def update_image(ref: str, r: Repo, user: Viewer,
 
 
 @router.delete("/{ref}")
-def delete_image(ref: str, r: Repo, user: Viewer) -> dict[str, Any]:
-    return r.delete(user, ref).to_dict()
+def delete_image(ref: str, r: Repo, user: Viewer, force: bool = False) -> dict[str, Any]:
+    """Delete (refused while protected; 409 while other images derive from it or live
+    instance disks use it, unless `force=true`)."""
+    return r.delete(user, ref, force=force).to_dict()
 
 
 @router.post("/{ref}/members")

@@ -173,6 +173,14 @@ class RainHandler(BaseHTTPRequestHandler):
 
     do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = do_OPTIONS = do_GET
 
+    def __getattr__(self, name: str) -> Any:
+        # Any other method (PROPFIND, BREW …) goes to the app too, which answers a JSON
+        # 405 with Allow (or 404 for a path it does not have) instead of the stdlib's
+        # 501 HTML page.
+        if name.startswith("do_"):
+            return self._dispatch
+        raise AttributeError(name)
+
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
         m = FILE_PATH.match(url.path)

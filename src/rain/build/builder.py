@@ -183,7 +183,7 @@ class ImageBuilder:
                 "os_distro": distro, "os_release": release, "arch": template.arch,
                 "parent": base.id, "packages": packages, "disk_format": "qcow2",
                 "properties": {"rain.boot_seconds": f"{boot:.1f}"} if boot else {},
-            })
+            }, internal=True)
             image = self.repo.upload_file(viewer, image.id, qcow2, DiskFormat.QCOW2)
             self.repo.catalog.update_image(image.id, template_digest=digest,
                                            template_text=template.text,
@@ -255,7 +255,7 @@ class ImageBuilder:
                     "packages": packages, "base": True, "visibility": str(Visibility.PUBLIC),
                     "disk_format": "qcow2",
                     "properties": {"rain.boot_seconds": f"{boot:.1f}"} if boot else {},
-                })
+                }, internal=True)
                 image = self.repo.upload_file(viewer, image.id, qcow2, DiskFormat.QCOW2)
                 self.repo.catalog.update_image(image.id, template_digest=digest)
             (self.disk_cache / f"{digest}.raw").rename(self.disk_cache / f"{image.id}.raw")

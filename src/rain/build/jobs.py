@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from rain.build.config import BuildConfig
 from rain.build.progress import CatalogProgress
 from rain.build.request import BuildRequest, parse_request
-from rain.catalog import utcnow
+from rain.catalog import is_id_prefix, unique_prefix, utcnow
 from rain.model import (
     Build,
     BuildStatus,
@@ -196,9 +196,21 @@ class BuildQueue:
             template_parents=image.template_parents, rebuild_of=image.id).id
 
     def get(self, viewer: User | None, build_id: str, *, log_offset: int | None = 0) -> Build:
-        """A build the viewer may see: their own, or one that made or remakes an image
-        they may see (admins see all); anything else is 404."""
-        build = self.catalog.get_build(build_id, log_offset=log_offset)
+        """A build the viewer may see, by id or unique id prefix: their own, or one that
+        made or remakes an image they may see (admins see all); anything else is 404."""
+        if viewer is None and not self.repo.config.anonymous_read:
+            require_user(viewer)
+        try:
+            build = self.catalog.get_build(build_id, log_offset=log_offset)
+        except NotFound:
+            if not is_id_prefix(build_id):
+                raise
+            seen = [b for b in map(self.catalog.get_build,
+                                   self.catalog.build_ids_with_prefix(build_id))
+                    if self._may_see(viewer, b)]
+            found = unique_prefix("build", build_id, seen,
+                                  lambda b: f"{b.id} ({b.owner}, {b.status})")
+            return self.catalog.get_build(found.id, log_offset=log_offset)
         if not self._may_see(viewer, build):
             raise NotFound(f"no build {build_id!r}")
         return build
@@ -220,6 +232,7 @@ class BuildQueue:
     def cancel(self, viewer: User | None, build_id: str) -> Build:
         """Cancel a queued build (its owner or an admin). Running builds run to the end."""
         build = self.get(viewer, build_id, log_offset=None)
+        build_id = build.id  # the whole id, when a prefix was given
         me = require_user(viewer)
         if not (me.is_admin or me.name == build.owner):
             raise Forbidden(f"only the owner or an admin may cancel build {build_id}")

@@ -26,6 +26,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from rain.model.errors import InvalidRequest
+from rain.repo.metadata import check_name, check_version
 
 TEMPLATE_KEYS: tuple[str, ...] = (
     "name",
@@ -200,8 +201,10 @@ class _Parser:
                 raise self.fail(None, f"missing required key '{required}'")
 
         name = self.string(keys["name"], "'name'")
-        if not _NAME_RE.match(name):
-            raise self.fail(keys["name"], f"invalid name '{name}' (letters, digits, '.', '_', '-')")
+        try:
+            check_name(name)  # the image's name: the repository's rule, checked up front
+        except InvalidRequest as exc:
+            raise self.fail(keys["name"], exc.message) from None
         base = self.base(keys["from"], base_dir)
         arch = DEFAULT_ARCH
         if "arch" in keys:
@@ -232,7 +235,10 @@ class _Parser:
         # The text as written: YAML would read `version: 1.10` as the float 1.1.
         if not isinstance(node, ScalarNode) or isinstance(self.value(node), bool):
             raise self.fail(node, "'version' must be a string or number")
-        return str(node.value)
+        try:
+            return check_version(str(node.value))
+        except InvalidRequest as exc:
+            raise self.fail(node, exc.message) from None
 
     def base(self, node: Node, base_dir: Path | None) -> BaseRef:
         ref = self.string(node, "'from'").strip()

@@ -9,6 +9,7 @@ from rain.catalog.deployments import DeploymentCatalog
 from rain.catalog.images import ImageCatalog, Variant
 from rain.catalog.match import Match, MatchCatalog, Preference, Requirements
 from rain.catalog.nodes import NodeCatalog
+from rain.catalog.references import ReferenceCatalog, is_id_prefix, unique_prefix
 from rain.catalog.search import ImageQuery
 from rain.catalog.torrents import TorrentCatalog
 from rain.catalog.usage import UsageCatalog
@@ -16,8 +17,8 @@ from rain.catalog.users import UserCatalog
 from rain.catalog.versions import VersionConstraint, compare_versions
 
 
-class Catalog(UserCatalog, ImageCatalog, MatchCatalog, UsageCatalog, BuildCatalog, NodeCatalog,
-              DeploymentCatalog, TorrentCatalog):
+class Catalog(UserCatalog, ImageCatalog, ReferenceCatalog, MatchCatalog, UsageCatalog,
+              BuildCatalog, NodeCatalog, DeploymentCatalog, TorrentCatalog):
     """One object over the database, assembled from one mixin per concern."""
 
     def __init__(self, url: str) -> None:
@@ -36,5 +37,7 @@ __all__ = [
     "Variant",
     "VersionConstraint",
     "compare_versions",
+    "is_id_prefix",
+    "unique_prefix",
     "utcnow",
 ]

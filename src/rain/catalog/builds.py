@@ -18,6 +18,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from rain.catalog.db import Database, as_utc, utcnow
+from rain.catalog.references import ids_with_prefix
 from rain.catalog.schema import BuildRow, UserRow
 from rain.model import Build, BuildStatus, NotFound, User
 
@@ -68,6 +69,11 @@ class BuildCatalog:
             text = s.scalar(select(func.substr(BuildRow.log, offset + 1))
                             .where(BuildRow.id == build_id)) or ""
             return build_model(row, row.owner.name, log=text, log_offset=offset)
+
+    def build_ids_with_prefix(self, prefix: str) -> list[str]:
+        """Every build id starting with `prefix` (callers filter what the viewer may see)."""
+        with self.db.session() as s:
+            return ids_with_prefix(s, BuildRow.id, prefix)
 
     def find_active_build(self, *, owner_id: int | None = None,
                           template_digest: str | None = None,

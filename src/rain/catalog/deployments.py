@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rain.catalog.db import Database, as_utc, utcnow
+from rain.catalog.references import ids_with_prefix
 from rain.catalog.schema import DeploymentRow, ImageRow, InstanceRow
 from rain.model import (
     Conflict,
@@ -93,6 +94,12 @@ class DeploymentCatalog:
     def get_deployment(self, deployment_id: str) -> Deployment:
         with self.db.session() as s:
             return deployment_model(self._deployment_row(s, deployment_id))
+
+    def deployment_ids_with_prefix(self, prefix: str, owner_id: int | None) -> list[str]:
+        """Deployment ids starting with `prefix`: `owner_id`'s, or everyone's for None."""
+        where = [DeploymentRow.owner_id == owner_id] if owner_id is not None else []
+        with self.db.session() as s:
+            return ids_with_prefix(s, DeploymentRow.id, prefix, *where)
 
     def list_deployments(self, *, owner_id: int | None = None, image_id: str | None = None,
                          since: datetime | None = None,
@@ -189,12 +196,15 @@ class DeploymentCatalog:
             rows = s.scalars(stmt.order_by(InstanceRow.created, InstanceRow.id)).all()
             return [instance_model(r) for r in rows]
 
-    def live_instance_counts(self) -> dict[str, int]:
-        """Instances being made or ready, per node: what the repository itself has put there
-        (heartbeats say the same, but only every few seconds)."""
+    def live_instance_counts(self, image_id: str | None = None) -> dict[str, int]:
+        """Instances being made or ready (of `image_id`, if given), per node: what the
+        repository itself has put there (heartbeats say the same, but only every few
+        seconds)."""
         live = [str(InstanceStatus.CREATING), str(InstanceStatus.READY)]
-        stmt = (select(InstanceRow.node, func.count()).where(InstanceRow.status.in_(live))
-                .group_by(InstanceRow.node))
+        stmt = select(InstanceRow.node, func.count()).where(InstanceRow.status.in_(live))
+        if image_id is not None:
+            stmt = stmt.where(InstanceRow.image_id == image_id)
+        stmt = stmt.group_by(InstanceRow.node)
         with self.db.session() as s:
             return {str(node): int(n) for node, n in s.execute(stmt).all()}
 

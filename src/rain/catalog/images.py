@@ -209,6 +209,14 @@ class ImageCatalog:
                 ImageRow, ImageRow.id == VariantRow.image_id).where(ImageRow.status.not_in(dead))))
             return {i for i in ids if i}
 
+    def child_ids(self, image_id: str) -> list[str]:
+        """Images whose parent is `image_id` and that still exist (not deleted or killed)."""
+        gone = [str(ImageStatus.DELETED), str(ImageStatus.KILLED)]
+        with self.db.session() as s:
+            return list(s.scalars(select(ImageRow.id).where(
+                ImageRow.parent_id == image_id, ImageRow.status.not_in(gone))
+                .order_by(ImageRow.created, ImageRow.id)))
+
     def record_access(self, image_id: str, when: datetime) -> None:
         with self.db.session() as s:
             s.execute(update(ImageRow).where(ImageRow.id == image_id).values(

@@ -24,8 +24,8 @@ from rain.catalog.schema import (
     TagRow,
     UserRow,
 )
-from rain.catalog.versions import VersionConstraint, compare_versions
-from rain.model import Image, ImageStatus, InvalidRequest, NotFound, User
+from rain.catalog.versions import VersionConstraint
+from rain.model import Image, ImageStatus, InvalidRequest, User
 
 SORT_FIELDS = {
     "name": ImageRow.name, "created": ImageRow.created, "updated": ImageRow.updated,
@@ -86,18 +86,23 @@ class ImageQuery:
         return q
 
 
+def member_clause(viewer: User) -> ColumnElement[bool]:
+    """The image is shared with the viewer, by name or through one of their groups."""
+    return exists().where(
+        MemberRow.image_id == ImageRow.id,
+        or_(MemberRow.user_id == viewer.id,
+            MemberRow.group_id.in_(select(GroupRow.id).where(GroupRow.name.in_(viewer.groups)))
+            if viewer.groups else false()),
+    )
+
+
 def visible_clause(viewer: User | None) -> ColumnElement[bool]:
     if viewer is None:
         return and_(ImageRow.visibility == "public",
                     ImageRow.status.in_([str(s) for s in DEFAULT_STATUSES]))
     if viewer.is_admin:
         return true()
-    member = exists().where(
-        MemberRow.image_id == ImageRow.id,
-        or_(MemberRow.user_id == viewer.id,
-            MemberRow.group_id.in_(select(GroupRow.id).where(GroupRow.name.in_(viewer.groups)))
-            if viewer.groups else false()),
-    )
+    member = member_clause(viewer)
     others = and_(
         ImageRow.status.in_([str(s) for s in DEFAULT_STATUSES]),
         or_(ImageRow.visibility == "public", and_(ImageRow.visibility == "shared", member)),
@@ -179,47 +184,3 @@ class SearchCatalog:
         images = [i for i in images
                   if all(c.satisfied_by(i.packages.get(c.name)) for c in constraints)]
         return images[q.offset : q.offset + q.limit], len(images)
-
-    def image_with_template(self, digest: str, viewer: User | None,
-                            status: ImageStatus = ImageStatus.ACTIVE) -> Image | None:
-        """The newest image with this template digest and status that the viewer may see."""
-        images, _ = self.search(ImageQuery(template_digest=digest, status=[str(status)],
-                                           limit=1), viewer)
-        return images[0] if images else None
-
-    def resolve(self, ref: str, viewer: User | None, *, statuses: tuple[str, ...] = ()) -> Image:
-        """An id or `name[:version]`, newest first; 404 for what the viewer may not see."""
-        status_filter = list(statuses) or ["any"]
-        with self.db.session() as s:
-            row = s.scalar(select(ImageRow).where(ImageRow.id == ref, visible_clause(viewer),
-                                                  ImageRow.status != "deleted"))
-            if row is not None:
-                return image_model(row)
-        name, _, version = ref.partition(":")
-        q = ImageQuery(name=name, status=status_filter, limit=1000)
-        with self.db.session() as s:
-            stmt = self._filtered(q, viewer)
-            if version:
-                stmt = stmt.where(ImageRow.version == version)
-            rows = s.scalars(stmt.order_by(ImageRow.created.desc())).all()
-        if not rows:
-            raise NotFound(f"no image {ref!r}")
-        if not version and len({r.version for r in rows}) > 1:
-            rows = sorted(rows, key=lambda r: (r.status == "active", _VersionKey(r.version),
-                                               r.created), reverse=True)
-        else:
-            rows = sorted(rows, key=lambda r: (r.status == "active", r.created), reverse=True)
-        return image_model(rows[0])
-
-
-class _VersionKey:
-    __slots__ = ("v",)
-
-    def __init__(self, v: str) -> None:
-        self.v = v
-
-    def __lt__(self, other: _VersionKey) -> bool:
-        return compare_versions(self.v, other.v) < 0
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _VersionKey) and compare_versions(self.v, other.v) == 0

@@ -294,9 +294,13 @@ def set_(image: str,
 
 
 @app.command()
-def rm(image: str, url: Url = None, token: Token = None, json: Json = False) -> None:
-    """Delete an image (refused while protected)."""
-    info = _client(url, token).delete(image)
+def rm(image: str,
+       force: Annotated[bool, typer.Option(
+           "--force", help="Even if images derive from it or live instances use it")] = False,
+       url: Url = None, token: Token = None, json: Json = False) -> None:
+    """Delete an image (refused while protected, or while images derive from it or live
+    instance disks use it, unless --force)."""
+    info = _client(url, token).delete(image, force=force)
     print_json(info) if json else err.print(f"deleted {info['id']}")
 
 

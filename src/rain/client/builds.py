@@ -108,6 +108,7 @@ class BuildCalls:
         wait = min(0.1, interval)  # short builds (and hits) answer fast; then back off
         while True:
             build = self.build_status(build_id, log_offset=offset)
+            build_id = build["id"]  # a prefix is resolved once: new builds cannot shadow it
             log.append(build["log"])
             offset = build["log_size"]
             if on_update is not None:

@@ -163,8 +163,9 @@ class Client(BuildCalls, NodeCalls, DeployCalls):
     def update(self, ref: str, **changes: Any) -> dict[str, Any]:
         return dict(self._request("PATCH", f"/v1/images/{ref}", json=changes))
 
-    def delete(self, ref: str) -> dict[str, Any]:
-        return dict(self._request("DELETE", f"/v1/images/{ref}"))
+    def delete(self, ref: str, *, force: bool = False) -> dict[str, Any]:
+        params = {"force": "true"} if force else None
+        return dict(self._request("DELETE", f"/v1/images/{ref}", params=params))
 
     def share(self, ref: str, *, user: str | None = None,
               group: str | None = None) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from rain.model.build import ACTIVE_BUILD_STATUSES, Build, BuildStatus
 from rain.model.errors import (
+    AmbiguousReference,
     Conflict,
     Forbidden,
     ImageRebuilding,
@@ -38,6 +39,7 @@ from rain.model.node import (
 
 __all__ = [
     "ACTIVE_BUILD_STATUSES",
+    "AmbiguousReference",
     "Build",
     "BuildStatus",
     "Conflict",

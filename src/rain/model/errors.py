@@ -52,6 +52,13 @@ class Conflict(RainError):
     status = 409
 
 
+class AmbiguousReference(Conflict):
+    """A name or id prefix matches several things the caller may see; `candidates` in
+    the details holds their ids."""
+
+    code = "ambiguous_reference"
+
+
 class QuotaExceeded(RainError):
     code = "quota_exceeded"
     status = 413
@@ -130,6 +137,7 @@ ERRORS_BY_CODE: dict[str, type[RainError]] = {
         Forbidden,
         NotFound,
         Conflict,
+        AmbiguousReference,
         QuotaExceeded,
         InvalidImage,
         Unsupported,

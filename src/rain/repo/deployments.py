@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from rain.catalog import Catalog
+from rain.catalog import Catalog, is_id_prefix, unique_prefix
 from rain.model import (
     Deployment,
     Image,
@@ -97,8 +97,18 @@ class DeploymentRecords:
         return self.catalog.update_deployment(deployment_id, **fields)
 
     def get_deployment(self, viewer: User | None, deployment_id: str) -> Deployment:
+        """The viewer's deployment (admins: any), by id or unique id prefix."""
         user = require_user(viewer)
-        deployment = self.catalog.get_deployment(deployment_id)
+        try:
+            deployment = self.catalog.get_deployment(deployment_id)
+        except NotFound:
+            if not is_id_prefix(deployment_id):
+                raise
+            ids = self.catalog.deployment_ids_with_prefix(
+                deployment_id, None if user.is_admin else user.id)
+            return unique_prefix("deployment", deployment_id,
+                                 [self.catalog.get_deployment(i) for i in ids],
+                                 lambda d: f"{d.id} ({d.owner}, {d.status})")
         if not (user.is_admin or deployment.owner == user.name):
             raise NotFound(f"no deployment {deployment_id!r}")
         return deployment
@@ -135,8 +145,11 @@ class DeploymentRecords:
     def list_instances(self, viewer: User | None, *, node: str | None = None,
                        deployment: str | None = None,
                        include_deleted: bool = False) -> list[InstanceRecord]:
-        """The viewer's instances (admins: everyone's), oldest first."""
+        """The viewer's instances (admins: everyone's), oldest first; `deployment` is an id
+        or unique id prefix of one of the viewer's deployments (404 otherwise)."""
         user = require_user(viewer)
+        if deployment:
+            deployment = self.get_deployment(user, deployment).id
         return self.catalog.list_instances(owner_id=None if user.is_admin else user.id,
                                            node=node, deployment_id=deployment,
                                            include_deleted=include_deleted)

@@ -10,6 +10,7 @@ the agent — is kept by the catalog and handed out only by `agent_endpoint`.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -129,12 +130,19 @@ class NodeRegistry:
         return self.catalog.node_heartbeat(name, fields)
 
     def list_nodes(self, viewer: User | None) -> list[Node]:
-        require_user(viewer)
-        return self.catalog.list_nodes()
+        return self._as_seen_by(require_user(viewer), self.catalog.list_nodes())
 
     def get_node(self, viewer: User | None, name: str) -> Node:
-        require_user(viewer)
-        return self.catalog.get_node(name)
+        return self._as_seen_by(require_user(viewer), [self.catalog.get_node(name)])[0]
+
+    def _as_seen_by(self, viewer: User, nodes: list[Node]) -> list[Node]:
+        """Node caches list only the images the viewer may see (admins: all)."""
+        if viewer.is_admin:
+            return nodes
+        seen = self.catalog.visible_image_ids(
+            [i for n in nodes for i in (*n.cached, *n.in_flight)], viewer)
+        return [replace(n, cached=[i for i in n.cached if i in seen],
+                        in_flight=[i for i in n.in_flight if i in seen]) for n in nodes]
 
     def remove_node(self, viewer: User | None, name: str) -> Node:
         """Admin: forget a node (the records of its instances stay); returns it."""

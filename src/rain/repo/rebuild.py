@@ -116,18 +116,19 @@ class PurgeAndRebuild:
     def pedigree(self, viewer: User | None, ref: str) -> tuple[list[Image], str | None]:
         """The image, its parent, the parent's parent … as far as the viewer may see.
 
-        Returns the visible chain and, if it stops at an image the viewer may not
-        see, that image's id (which the last visible image shows as its `parent`
-        anyway, so naming it reveals nothing more). A cycle ends the chain.
+        Returns the visible chain — deleted ancestors the viewer could see before
+        included, with status `deleted` — and, if it stops at an image the viewer
+        may not see, that image's id (which the last visible image shows as its
+        `parent` anyway, so naming it reveals nothing more). A cycle ends the chain.
         """
         self._require_read(viewer)
         image = self.catalog.resolve(ref, viewer)
         chain, seen = [image], {image.id}
         following = image.parent
         while following and following not in seen:
-            try:
-                parent = self.catalog.resolve(following, viewer)
-            except NotFound:
+            parent = self.catalog.visible_image(following, viewer) or \
+                self.catalog.deleted_image(following, viewer)
+            if parent is None:
                 return chain, following
             chain.append(parent)
             seen.add(parent.id)

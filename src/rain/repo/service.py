@@ -30,6 +30,7 @@ from rain.model import (
     User,
     Visibility,
 )
+from rain.repo import metadata
 from rain.repo.access import (
     require_admin,
     require_modify,
@@ -46,7 +47,7 @@ from rain.store import ChunkStore, FilesystemBackend, GcReport, ImageManifest, S
 
 CREATE_FIELDS = {"name", "version", "description", "visibility", "os_distro", "os_release",
                  "arch", "tags", "properties", "packages", "parent", "base", "protected",
-                 "disk_format", "template_digest"}
+                 "disk_format"}
 UPDATE_FIELDS = {"name", "version", "description", "visibility", "os_distro", "os_release",
                  "arch", "add_tags", "remove_tags", "properties", "remove_properties", "base",
                  "protected", "deactivated"}
@@ -136,6 +137,8 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords):
 
     def search(self, viewer: User | None, query: ImageQuery) -> tuple[list[Image], int]:
         self._require_read(viewer)
+        if query.parent:  # a reference like any other (docs/api.md, References)
+            query.parent = self.catalog.resolve(query.parent, viewer).id
         return self.catalog.search(query, viewer)
 
     def match(self, viewer: User | None, req: Requirements,
@@ -148,20 +151,21 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords):
             require_user(viewer)
 
     # -- creating and uploading ----------------------------------------------
-    def create(self, viewer: User | None, meta: dict[str, Any]) -> Image:
+    def create(self, viewer: User | None, meta: dict[str, Any], *,
+               internal: bool = False) -> Image:
+        """A queued image record. `internal`: the server's own callers (the builder), which
+        may write the reserved `rain.*` properties and tags (rain.repo.metadata)."""
         user = require_user(viewer)
-        unknown = set(meta) - CREATE_FIELDS
+        unknown = set(meta) - CREATE_FIELDS - ({"template_digest"} if internal else set())
         if unknown:
             raise InvalidRequest(f"unknown image fields: {', '.join(sorted(unknown))}")
         _, count = self.catalog.usage_totals(user.id)
         if user.quota_images is not None and count >= user.quota_images:
             raise QuotaExceeded(f"user {user.name!r} has reached the quota of "
                                 f"{user.quota_images} images")
-        fields: dict[str, Any] = {}
-        for key in ("version", "description", "os_distro", "os_release", "arch",
-                    "template_digest"):
-            if meta.get(key) is not None:
-                fields[key] = str(meta[key])
+        fields = _checked_fields(meta)
+        if meta.get("template_digest") is not None:
+            fields["template_digest"] = str(meta["template_digest"])
         fields["visibility"] = _visibility(meta.get("visibility", "private"))
         if meta.get("disk_format"):
             fields["disk_format"] = str(_disk_format(meta["disk_format"]))
@@ -169,20 +173,21 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords):
         fields["protected"] = bool(meta.get("protected", False))
         if meta.get("parent"):
             fields["parent_id"] = self.catalog.resolve(str(meta["parent"]), user).id
+        name = metadata.check_name(meta.get("name", ""))
+        tags = metadata.check_tags(meta.get("tags") or [], internal=internal)
+        properties = metadata.check_properties(meta.get("properties") or {}, internal=internal)
+        packages = metadata.check_packages(meta.get("packages") or {})
         version = fields.get("version", "")
         if version:
             existing, _ = self.catalog.search(
-                ImageQuery(name=str(meta.get("name", "")), owner=user.name,
+                ImageQuery(name=name, owner=user.name,
                            status=["queued", "saving", "active", "deactivated"], limit=1000),
                 user)
             if any(i.version == version for i in existing):
-                raise Conflict(f"you already have an image {meta.get('name')}:{version}; "
+                raise Conflict(f"you already have an image {name}:{version}; "
                                "images are write-once, push a new version")
-        return self.catalog.create_image(
-            user, name=str(meta.get("name", "")), tags=[str(t) for t in meta.get("tags", [])],
-            properties={str(k): str(v) for k, v in (meta.get("properties") or {}).items()},
-            packages={str(k): str(v) for k, v in (meta.get("packages") or {}).items()},
-            **fields)
+        return self.catalog.create_image(user, name=name, tags=tags, properties=properties,
+                                         packages=packages, **fields)
 
     def begin_upload(self, viewer: User | None, ref: str,
                      declared: DiskFormat | None = None) -> tuple[Image, UploadSession]:
@@ -286,25 +291,28 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords):
         unknown = set(changes) - UPDATE_FIELDS
         if unknown:
             raise InvalidRequest(f"unknown fields: {', '.join(sorted(unknown))}")
-        fields: dict[str, Any] = {}
-        for key in ("name", "version", "description", "os_distro", "os_release", "arch"):
-            if changes.get(key) is not None:
-                fields[key] = str(changes[key])
+        fields = _checked_fields(changes)
+        if changes.get("name") is not None:
+            fields["name"] = metadata.check_name(changes["name"])
         if changes.get("visibility") is not None:
             fields["visibility"] = _visibility(changes["visibility"])
         if changes.get("protected") is not None:
             fields["protected"] = bool(changes["protected"])
         if changes.get("base") is not None:
             fields["is_base"] = bool(changes["base"])
+        add_tags = metadata.check_tags(changes.get("add_tags") or [])
+        remove_tags = metadata.check_tags(changes.get("remove_tags") or [])
+        metadata.total_after(image.tags, add_tags, remove_tags, metadata.MAX_TAGS, "tags")
+        props = metadata.check_properties(changes.get("properties") or {})
+        unset = metadata.check_property_keys(changes.get("remove_properties") or [])
+        metadata.total_after(image.properties, props, unset, metadata.MAX_PROPERTIES,
+                             "properties")
         if fields:
             self.catalog.update_image(image.id, **fields)
-        if changes.get("add_tags") or changes.get("remove_tags"):
-            self.catalog.edit_tags(image.id, changes.get("add_tags") or [],
-                                   changes.get("remove_tags") or [])
-        if changes.get("properties") or changes.get("remove_properties"):
-            self.catalog.edit_properties(
-                image.id, {str(k): str(v) for k, v in (changes.get("properties") or {}).items()},
-                changes.get("remove_properties") or [])
+        if add_tags or remove_tags:
+            self.catalog.edit_tags(image.id, add_tags, remove_tags)
+        if props or unset:
+            self.catalog.edit_properties(image.id, props, unset)
         if changes.get("deactivated") is not None:
             self._set_active(image, not changes["deactivated"])
         return self.catalog.get_image(image.id)
@@ -335,16 +343,46 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords):
             raise NotFound(f"image {image.id} is not shared with {user or group!r}")
         return self.catalog.get_image(image.id)
 
-    def delete(self, viewer: User | None, ref: str) -> Image:
+    def delete(self, viewer: User | None, ref: str, *, force: bool = False) -> Image:
+        """Delete an image; refused (409) while images derive from it or live instance
+        disks are backed by it, unless `force`."""
         image = self.catalog.resolve(ref, require_user(viewer))
         require_modify(viewer, image, "delete")
         if image.protected:
             raise Forbidden(f"image {image.id} is protected; unprotect it before deleting")
+        if not force:
+            self._refuse_if_depended_on(viewer, image)
         self.catalog.transition(image.id, [s for s in ImageStatus if s != ImageStatus.DELETED],
                                 ImageStatus.DELETED)
         self.catalog.drop_variants(image.id)
         image.status = ImageStatus.DELETED
         return image
+
+    def _refuse_if_depended_on(self, viewer: User | None, image: Image) -> None:
+        children = self.catalog.child_ids(image.id)
+        live = self.catalog.live_instance_counts(image.id)
+        if not children and not live:
+            return
+        reasons = []
+        visible = self.catalog.visible_image_ids(children, viewer)
+        seen = [c for c in children if c in visible]
+        if children:
+            shown = [f"{c[:8]} {self.catalog.get_image(c).name}" for c in seen[:5]]
+            if len(seen) > 5:
+                shown.append(f"{len(seen) - 5} more")
+            if len(children) > len(seen):
+                shown.append(f"{len(children) - len(seen)} you cannot see")
+            reasons.append(f"it is the parent of {len(children)} image"
+                           f"{'s' if len(children) != 1 else ''} ({', '.join(shown)})")
+        if live:
+            total = sum(live.values())
+            where = ", ".join(f"{n} on {node}" for node, n in sorted(live.items()))
+            reasons.append(f"it backs {total} live instance{'s' if total != 1 else ''} "
+                           f"({where})")
+        raise Conflict(f"image {image.id} was not deleted: {'; '.join(reasons)}; delete those "
+                       "first, or force it (rain rm --force, API ?force=true)",
+                       details={"children": seen, "children_total": len(children),
+                                "live_instances": sum(live.values())})
 
     # -- usage and maintenance ------------------------------------------------
     def usage(self, viewer: User | None, ref: str | None = None, user: str | None = None,
@@ -372,6 +410,19 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords):
             if image.updated and image.updated < cutoff:
                 self.catalog.transition(image.id, [ImageStatus.SAVING], ImageStatus.KILLED)
         return collect(self.store, self.catalog.live_manifest_ids(), grace_seconds=grace)
+
+
+def _checked_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    """version, description, os_distro, os_release, arch: those given, checked."""
+    fields: dict[str, Any] = {}
+    if meta.get("version") is not None:
+        fields["version"] = metadata.check_version(meta["version"])
+    if meta.get("description") is not None:
+        fields["description"] = metadata.check_description(meta["description"])
+    for key in ("os_distro", "os_release", "arch"):
+        if meta.get(key) is not None:
+            fields[key] = metadata.check_os_field(key, meta[key])
+    return fields
 
 
 def _visibility(value: Any) -> Visibility:
