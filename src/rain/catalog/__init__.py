@@ -11,14 +11,15 @@ from rain.catalog.match import Match, MatchCatalog, Preference, Requirements
 from rain.catalog.nodes import NodeCatalog
 from rain.catalog.references import ReferenceCatalog, is_id_prefix, unique_prefix
 from rain.catalog.search import ImageQuery
+from rain.catalog.tokens import TokenCatalog
 from rain.catalog.torrents import TorrentCatalog
 from rain.catalog.usage import UsageCatalog
 from rain.catalog.users import UserCatalog
 from rain.catalog.versions import VersionConstraint, compare_versions
 
 
-class Catalog(UserCatalog, ImageCatalog, ReferenceCatalog, MatchCatalog, UsageCatalog,
-              BuildCatalog, NodeCatalog, DeploymentCatalog, TorrentCatalog):
+class Catalog(UserCatalog, TokenCatalog, ImageCatalog, ReferenceCatalog, MatchCatalog,
+              UsageCatalog, BuildCatalog, NodeCatalog, DeploymentCatalog, TorrentCatalog):
     """One object over the database, assembled from one mixin per concern."""
 
     def __init__(self, url: str) -> None:

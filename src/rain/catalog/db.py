@@ -15,7 +15,9 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -48,6 +50,26 @@ def make_engine(url: str) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def catalog_exists(url: str) -> bool:
+    """Whether `url` already holds a rain catalog, found without creating anything (opening
+    a Database creates and migrates one)."""
+    if url.startswith("sqlite"):
+        path = make_url(url).database
+        if not path or path == ":memory:" or not Path(path).is_file():
+            return False
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return inspect(conn).has_table("alembic_version")
+    except SQLAlchemyError as exc:
+        from rain.model import Unavailable
+
+        raise Unavailable(f"cannot open the catalog database {url.split('@')[-1]}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    finally:
+        engine.dispose()
 
 
 def migrate(engine: Engine) -> None:

@@ -235,7 +235,8 @@ class ImageCatalog:
         if (user is None) == (group is None):
             raise InvalidRequest("name exactly one of a user or a group")
         if user is not None:
-            uid = s.scalar(select(UserRow.id).where(UserRow.name == user))
+            uid = s.scalar(select(UserRow.id).where(UserRow.name == user,
+                                                      UserRow.deleted.is_(None)))
             if uid is None:
                 raise NotFound(f"no user {user!r}")
             return uid, None

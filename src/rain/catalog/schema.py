@@ -34,6 +34,10 @@ class UserRow(Base):
     quota_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     quota_images: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # A disabled user's tokens answer 401; a deleted one is a tombstone: no tokens, no
+    # groups, its name kept so what it left (deleted images, usage) still names it.
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    deleted: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     groups: Mapped[list[GroupRow]] = relationship(
         secondary="group_members", back_populates="users", lazy="selectin"
     )
@@ -59,12 +63,17 @@ class GroupMemberRow(Base):
 
 
 class TokenRow(Base):
+    """A user's token, or (`node` set, no user) a node agent's credential."""
+
     __tablename__ = "tokens"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True, nullable=True)
+    node: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     label: Mapped[str] = mapped_column(String(128), default="")
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_used: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class ImageRow(Base):

@@ -18,7 +18,9 @@ from rain.model.errors import (
     Unsupported,
 )
 from rain.model.image import (
+    ApiToken,
     DiskFormat,
+    Group,
     Image,
     ImageStatus,
     Member,
@@ -40,6 +42,7 @@ from rain.model.node import (
 __all__ = [
     "ACTIVE_BUILD_STATUSES",
     "AmbiguousReference",
+    "ApiToken",
     "Build",
     "BuildStatus",
     "Conflict",
@@ -47,6 +50,7 @@ __all__ = [
     "DeploymentStatus",
     "DiskFormat",
     "Forbidden",
+    "Group",
     "Image",
     "ImageRebuilding",
     "ImageStatus",

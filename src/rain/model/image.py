@@ -51,6 +51,44 @@ class User:
     groups: list[str] = field(default_factory=list)
     quota_bytes: int | None = None
     quota_images: int | None = None
+    disabled: bool = False
+    created: datetime | None = None
+    deleted: datetime | None = None  # a deleted user is kept as a tombstone
+    # Set when the credential is a node token: the caller is node agent `node`, not a
+    # user, and every check that wants a user refuses it (rain.repo.access).
+    node: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "admin": self.is_admin, "groups": list(self.groups),
+                "quota_bytes": self.quota_bytes, "quota_images": self.quota_images,
+                "disabled": self.disabled, "created": _iso(self.created),
+                "deleted": _iso(self.deleted)}
+
+
+@dataclass
+class Group:
+    name: str
+    members: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "members": list(self.members)}
+
+
+@dataclass
+class ApiToken:
+    """A token as listings show it: never its secret. Exactly one of `user` (a user's
+    token) and `node` (a node agent's credential) is set."""
+
+    id: int
+    label: str
+    created: datetime
+    last_used: datetime | None = None
+    user: str | None = None
+    node: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "label": self.label, "user": self.user, "node": self.node,
+                "created": _iso(self.created), "last_used": _iso(self.last_used)}
 
 
 @dataclass
