@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from rain.build.config import BuildConfig
+from rain.catalog.db import catalog_exists
 from rain.distribute.config import DistributeConfig, PrefetchConfig
-from rain.model.errors import InvalidRequest
+from rain.model.errors import InvalidRequest, NotFound
 from rain.repo.config import RepoConfig
 from rain.store.chunks import StoreConfig
 
@@ -92,3 +93,19 @@ def load_config(data_dir: str | Path | None = None, db: str | None = None,
     if db:
         cfg.db = db
     return cfg
+
+
+def require_repository(cfg: Config) -> None:
+    """Refuse a data directory (or catalog database) that holds no repository.
+
+    Every server-side command but `serve` works on an existing repository:
+    opening a missing one would silently make a new, empty one, whose admin
+    token no running server knows."""
+    where = cfg.data_dir.absolute()
+    missing = [] if (cfg.data_dir / "store").is_dir() else ["store/"]
+    if not catalog_exists(cfg.db_url):
+        missing.insert(0, "catalog.db" if not cfg.db else f"catalog in {cfg.db.split('@')[-1]}")
+    if missing:
+        raise NotFound(f"no rain repository in {where} (missing: {', '.join(missing)}): run this "
+                       "where `rain serve` keeps its data, or point at it with --data-dir DIR, "
+                       "RAIN_DATA_DIR or data_dir in $RAIN_CONFIG")

@@ -139,21 +139,34 @@ class AgentProc:
         return (self.cache_dir / "agent.key").read_text().strip()
 
 
+def node_token(server: Server, name: str, verify: Any = True) -> str:
+    """A node token for node `name`, issued by the server's admin."""
+    import httpx
+
+    r = httpx.post(f"{server.url}/v1/tokens", json={"node": name, "label": "test agent"},
+                   headers={"Authorization": f"Bearer {server.token}"}, verify=verify,
+                   timeout=30)
+    assert r.status_code == 201, r.text
+    return str(r.json()["token"])
+
+
 def start_agent(server: Server, name: str, root: Path, *, capacity: int = 8,
                 cache_size: str = "1G", extra: tuple[str, ...] = (),
-                verify: Any = True) -> AgentProc:
-    """A real `rain agent` process on 127.0.0.1, registered with `server`."""
+                verify: Any = True, token: str | None = None) -> AgentProc:
+    """A real `rain agent` process on 127.0.0.1, registered with `server` — with its own
+    node token, as operators run them, unless `token` says otherwise."""
     import time
 
     import httpx
 
     from tests.conftest import RAIN, free_port
 
+    token = token or node_token(server, name, verify)
     port = free_port()
     cache_dir = root / name
     cache_dir.mkdir(parents=True, exist_ok=True)
     log = cache_dir / "agent.log"
-    argv = [*RAIN, "agent", "--name", name, "--repo", server.url, "--token", server.token,
+    argv = [*RAIN, "agent", "--name", name, "--repo", server.url, "--token", token,
             "--cache-dir", str(cache_dir), "--cache-size", cache_size, "--listen",
             f"127.0.0.1:{port}", "--capacity", str(capacity), "--heartbeat", "0.5", *extra]
     with open(log, "wb") as logf:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from rain import __version__
-from rain.api import builds, deployments, errors, images, misc, nodes, tracker
+from rain.api import builds, deployments, errors, images, misc, nodes, tracker, users
 from rain.build.jobs import BuildQueue
 from rain.distribute.config import DistributeConfig
 from rain.distribute.coordinator import Coordinator
@@ -37,6 +37,7 @@ def create_app(repository: Repository, build_queue: BuildQueue | None = None,
     app.include_router(builds.router)
     app.include_router(images.router)
     app.include_router(misc.router)
+    app.include_router(users.router)  # after misc: /v1/users/me before /v1/users/{name}
     app.include_router(nodes.router)
     app.include_router(deployments.router)
     app.include_router(tracker.router)

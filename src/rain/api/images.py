@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from rain.api.deps import repo, viewer
+from rain.api.deps import principal, repo, viewer
 from rain.api.files import DRAIN_LIMIT, download_headers
 from rain.api.ranges import parse_range
 from rain.catalog import ImageQuery
@@ -26,6 +26,9 @@ from rain.store import ImageReader
 router = APIRouter(prefix="/v1/images", tags=["images"])
 Repo = Annotated[Repository, Depends(repo)]
 Viewer = Annotated[User | None, Depends(viewer)]
+# The routes a node agent reads images with: a node token reads as a deployment's owner.
+Reader = Annotated[User | None, Depends(principal)]
+DeploymentHeader = Annotated[str | None, Header(alias="x-rain-deployment")]
 
 
 def parse_duration(text: str) -> timedelta:
@@ -108,9 +111,11 @@ async def _drain(stream: AsyncIterator[bytes], limit: int) -> None:
 
 
 @router.api_route("/{ref}/file", methods=["GET", "HEAD"], response_model=None)
-async def download_image(ref: str, request: Request, r: Repo, user: Viewer,
-                         format: DiskFormat | None = None) -> Response:
+async def download_image(ref: str, request: Request, r: Repo, user: Reader,
+                         format: DiskFormat | None = None,
+                         deployment: DeploymentHeader = None) -> Response:
     """Stream the image (converted to `format` if asked); single Range supported."""
+    user = r.node_reader(user, ref, deployment)
     d = await r.open_download_async(user, ref, format)
     headers = download_headers(d)
     rng = parse_range(request.headers.get("range"), d.size)
@@ -149,11 +154,12 @@ async def download_image(ref: str, request: Request, r: Repo, user: Viewer,
 
 
 @router.get("/{ref}/manifest")
-def image_manifest(ref: str, r: Repo, user: Viewer) -> dict[str, Any]:
+def image_manifest(ref: str, r: Repo, user: Reader,
+                   deployment: DeploymentHeader = None) -> dict[str, Any]:
     """The image's chunk digests (what node caches and the `chunks` method fetch by):
     `chunks` is base64 of `count` 32-byte SHA-256 digests, in order; an all-zero chunk
     is 32 zero bytes. Each chunk is `chunk_size` bytes, the last one the rest of `size`."""
-    image, manifest = r.image_manifest(user, ref)
+    image, manifest = r.image_manifest(r.node_reader(user, ref, deployment), ref)
     return {"image_id": image.id, "sha256": manifest.sha256, "size": manifest.size,
             "disk_format": str(image.disk_format) if image.disk_format else None,
             "chunk_size": manifest.chunk_size, "count": len(manifest.chunks),

@@ -291,6 +291,7 @@ class RainHandler(BaseHTTPRequestHandler):
             viewer = coordinator.viewer_for_token(query["access_token"][0], ref)
         deployment = self.headers.get("X-Rain-Deployment") or \
             (query.get("deployment") or [""])[0]
+        viewer = self.repo.node_reader(viewer, ref, deployment)
         count = None
         # A running deployment's transfers are counted for its report and logged as one
         # usage record per node by the coordinator, not one per Range request.

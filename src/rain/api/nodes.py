@@ -7,13 +7,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query
 
-from rain.api.deps import repo, viewer
+from rain.api.deps import principal, repo, viewer
 from rain.model import Node, User
 from rain.repo import Repository
 
 router = APIRouter(prefix="/v1")
 Repo = Annotated[Repository, Depends(repo)]
 Viewer = Annotated[User | None, Depends(viewer)]
+Agent = Annotated[User | None, Depends(principal)]
 Report = Annotated[dict[str, Any], Body()]
 
 
@@ -23,8 +24,9 @@ def node_dict(r: Repository, node: Node) -> dict[str, Any]:
 
 # -- nodes ---------------------------------------------------------------------------
 @router.post("/nodes", tags=["nodes"], status_code=201)
-def register_node(r: Repo, user: Viewer, report: Report) -> dict[str, Any]:
-    """Admin (the agent's token): register a node, or register it again after a restart.
+def register_node(r: Repo, user: Agent, report: Report) -> dict[str, Any]:
+    """The node's token (or an admin's): register a node, or register it again after a
+    restart.
 
     Body: `{"name", "address": "http://HOST:PORT", "agent_key", "capacity_instances",
     "running_instances", "cache_capacity", "cache_used", "cache_pinned", "cached":
@@ -36,8 +38,9 @@ def register_node(r: Repo, user: Viewer, report: Report) -> dict[str, Any]:
 
 
 @router.put("/nodes/{name}", tags=["nodes"])
-def node_heartbeat(name: str, r: Repo, user: Viewer, report: Report) -> dict[str, Any]:
-    """Admin (the agent's token): the agent is alive; the fields sent replace the old ones."""
+def node_heartbeat(name: str, r: Repo, user: Agent, report: Report) -> dict[str, Any]:
+    """The node's token (or an admin's): the agent is alive; the fields sent replace the
+    old ones."""
     return node_dict(r, r.node_heartbeat(user, name, report))
 
 

@@ -16,7 +16,7 @@ def agent(
     repo: Annotated[str, typer.Option("--repo", envvar="RAIN_URL",
                                       help="Repository URL, e.g. http://10.0.0.1:8480")],
     token: Annotated[str, typer.Option("--token", envvar="RAIN_TOKEN",
-                                       help="An admin token of the repository")],
+                                       help="This node's token (rain token create --node NAME)")],
     cache_dir: Annotated[Path, typer.Option("--cache-dir", help="Node cache directory")],
     cache_size: Annotated[str, typer.Option("--cache-size", help="e.g. 50G")] = "16G",
     listen: Annotated[str, typer.Option(

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from rain.cli import agent as agent_cmd
-from rain.cli import builds, testbed
+from rain.cli import builds, testbed, users
 from rain.cli import deploy as deploy_cmd
 from rain.cli.options import DataDir, Db, Json, Token, Url, client
 from rain.cli.output import (
@@ -47,11 +47,14 @@ def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
     return result
 
 
-def _open_repo(data_dir: Path | None, db: str | None) -> Any:
-    from rain.config import load_config
+def _open_repo(data_dir: Path | None, db: str | None, *, create: bool = False) -> Any:
+    """The repository `serve` would use; only `serve` (create=True) may make a new one."""
+    from rain.config import load_config, require_repository
     from rain.repo import Repository
 
     cfg = load_config(data_dir, db)
+    if not create:
+        require_repository(cfg)
     return cfg, Repository.open(cfg.data_dir, cfg.db_url, cfg.store, cfg.repo)
 
 
@@ -71,7 +74,7 @@ def serve(host: Annotated[str | None, typer.Option(help="Listen address")] = Non
 
     if server not in ("native", "uvicorn"):
         raise RainError(f"unknown server {server!r}: use native or uvicorn")
-    cfg, repo = _open_repo(data_dir, db)
+    cfg, repo = _open_repo(data_dir, db, create=True)
     token = repo.bootstrap_admin()
     if token:
         token_file = cfg.data_dir / "admin.token"
@@ -367,6 +370,11 @@ app.command()(deploy_cmd.deploy)
 app.command()(deploy_cmd.deployments)
 app.command()(deploy_cmd.prefetch)
 app.add_typer(deploy_cmd.instance_app, name="instance")
+app.command()(users.users)
+app.add_typer(users.user_app, name="user")
+app.command()(users.groups)
+app.add_typer(users.group_app, name="group")
+app.add_typer(users.token_app, name="token")
 app.command()(builds.build)
 app.command("builds")(builds.builds)
 app.command("cancel-build")(builds.cancel)

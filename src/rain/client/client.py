@@ -21,6 +21,7 @@ from rain.client.builds import BuildCalls, BuildUpdate
 from rain.client.deployments import DeployCalls
 from rain.client.nodes import NodeCalls
 from rain.client.transfer import download_file, upload_file
+from rain.client.users import UserCalls
 from rain.model.errors import ERRORS_BY_CODE, ImageRebuilding, InvalidImage, RainError
 
 DEFAULT_URL = "http://127.0.0.1:8480"
@@ -28,7 +29,7 @@ BLOCK = 1024 * 1024
 Progress = Callable[[int], None]
 
 
-class Client(BuildCalls, NodeCalls, DeployCalls):
+class Client(BuildCalls, NodeCalls, DeployCalls, UserCalls):
     def __init__(self, url: str | None = None, token: str | None = None, *,
                  timeout: float = 300.0, sparse: bool = True, ca: str | None = None) -> None:
         self.url = (url or os.environ.get("RAIN_URL") or DEFAULT_URL).rstrip("/")

@@ -1,5 +1,5 @@
 """Client calls for node agents, image manifests, deployments and instances (mixed into
-`Client`). Node agents use the first ones with an admin token."""
+`Client`). Node agents use the first ones with their node token."""
 
 from __future__ import annotations
 

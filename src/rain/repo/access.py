@@ -6,10 +6,29 @@ from __future__ import annotations
 
 from rain.model import Forbidden, Image, ImageStatus, Unauthorized, User
 
+NODE_TOKEN_LIMITS = ("a node token only registers and reports its own node and reads the "
+                     "images of running deployments sent to it")
+
 
 def require_user(viewer: User | None) -> User:
     if viewer is None:
         raise Unauthorized("authentication required: pass a token (--token or RAIN_TOKEN)")
+    refuse_node(viewer)
+    return viewer
+
+
+def refuse_node(viewer: User | None) -> None:
+    """Node tokens act as their node, never as a user: every user action refuses them."""
+    if viewer is not None and viewer.node is not None:
+        raise Forbidden(f"this is node {viewer.node}'s token: {NODE_TOKEN_LIMITS}")
+
+
+def require_agent(viewer: User | None, node: str | None = None) -> User:
+    """An admin, or the node token of node `node` (of any node while `node` is None)."""
+    if viewer is None or viewer.node is None:
+        return require_admin(viewer)
+    if node is not None and viewer.node != node:
+        raise Forbidden(f"this is node {viewer.node}'s token: it cannot act as node {node}")
     return viewer
 
 

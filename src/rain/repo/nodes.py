@@ -1,10 +1,11 @@
 """Node agents as the repository knows them: registration, heartbeats, who is up.
 
-Operators run agents with an admin token, so registering, reporting and
-removing nodes is for admins; any user may see the nodes. What an agent
-reports is checked here field by field (a report is untrusted input), and
-its `agent_key` — the bearer token the repository sends back when it calls
-the agent — is kept by the catalog and handed out only by `agent_endpoint`.
+Agents run with a node token (bound to one node name) or an admin token:
+registering and reporting a node takes one of them, removing it an admin;
+any user may see the nodes. What an agent reports is checked here field by
+field (a report is untrusted input), and its `agent_key` — the bearer token
+the repository sends back when it calls the agent — is kept by the catalog
+and handed out only by `agent_endpoint`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from urllib.parse import urlsplit
 
 from rain.catalog import Catalog, utcnow
 from rain.model import InvalidRequest, Node, NodeState, User
-from rain.repo.access import require_admin, require_user
+from rain.repo.access import require_admin, require_agent, require_user
 from rain.repo.config import RepoConfig
 
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -112,18 +113,20 @@ class NodeRegistry:
     config: RepoConfig
 
     def register_node(self, viewer: User | None, report: dict[str, Any]) -> Node:
-        """Admin: register a node, or register it again (a restarted agent, maybe on
-        another port: its address and key are replaced). A registration is the node's
-        whole state; what it leaves out is reset to 0 / empty."""
-        user = require_admin(viewer)
+        """Admin or the node's token: register a node, or register it again (a restarted
+        agent, maybe on another port: its address and key are replaced). A registration
+        is the node's whole state; what it leaves out is reset to 0 / empty."""
+        require_agent(viewer)
         fields = check_report(report, registering=True)
         name, address, key = fields.pop("name"), fields.pop("address"), fields.pop("agent_key")
-        return self.catalog.upsert_node(name, address=address, agent_key=key, owner_id=user.id,
-                                        report=fields)
+        user = require_agent(viewer, name)
+        return self.catalog.upsert_node(name, address=address, agent_key=key,
+                                        owner_id=None if user.node else user.id, report=fields)
 
     def node_heartbeat(self, viewer: User | None, name: str, report: dict[str, Any]) -> Node:
-        """Admin: the agent is alive; the fields it sends replace the old ones."""
-        require_admin(viewer)
+        """Admin or the node's token: the agent is alive; the fields it sends replace the
+        old ones."""
+        require_agent(viewer, name)
         fields = check_report(report, registering=False)
         if fields.pop("name", name) != name:
             raise InvalidRequest(f"the report names node {report['name']!r}, not {name!r}")

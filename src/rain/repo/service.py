@@ -32,6 +32,7 @@ from rain.model import (
 )
 from rain.repo import metadata
 from rain.repo.access import (
+    refuse_node,
     require_admin,
     require_modify,
     require_readable_data,
@@ -39,10 +40,12 @@ from rain.repo.access import (
 )
 from rain.repo.config import RepoConfig
 from rain.repo.convert import variant_for
+from rain.repo.credentials import Credentials
 from rain.repo.deployments import DeploymentRecords
 from rain.repo.nodes import NodeRegistry
 from rain.repo.rebuild import PurgeAndRebuild, Rebuilder, feed_file
 from rain.repo.upload import UploadLimits, UploadResult, UploadSession, stream_into_store
+from rain.repo.users import UserAdmin
 from rain.store import ChunkStore, FilesystemBackend, GcReport, ImageManifest, StoreConfig, collect
 
 CREATE_FIELDS = {"name", "version", "description", "visibility", "os_distro", "os_release",
@@ -62,7 +65,7 @@ class Download:
     size: int
 
 
-class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords):
+class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, UserAdmin):
     def __init__(self, catalog: Catalog, store: ChunkStore, config: RepoConfig,
                  work_dir: Path) -> None:
         self.catalog = catalog
@@ -100,6 +103,9 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords):
         user = self.catalog.user_for_token(token)
         if user is None:
             raise Unauthorized("invalid token")
+        if user.disabled:
+            raise Unauthorized(f"user disabled: {user.name}'s tokens are refused until an "
+                               "admin enables the user again")
         return user
 
     def bootstrap_admin(self) -> str | None:
@@ -147,6 +153,7 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords):
         return self.catalog.match(req, prefs, viewer, limit)
 
     def _require_read(self, viewer: User | None) -> None:
+        refuse_node(viewer)
         if viewer is None and not self.config.anonymous_read:
             require_user(viewer)
 

@@ -12,7 +12,7 @@ DEFAULT_PORT = 8481
 class AgentConfig:
     name: str = ""
     repo_url: str = "http://127.0.0.1:8480"
-    token: str = ""  # a repository token of an admin (operators run agents)
+    token: str = ""  # this node's token (`rain token create --node NAME`), or an admin's
     cache_dir: Path = field(default_factory=lambda: Path("var/agent"))
     cache_size: int = 16 * 1024**3
     listen_host: str = "0.0.0.0"
