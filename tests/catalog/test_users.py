@@ -91,6 +91,8 @@ def test_revoking_one_token_leaves_the_others(catalog: Catalog) -> None:
     assert catalog.user_for_token(second) is not None
     with pytest.raises(NotFound):
         catalog.revoke_token(ids[0])
+    catalog.revoke_token(ids[1])  # the newest: its id is not handed out again
+    assert catalog.create_token(user="alice")[0].id > ids[1]
     with pytest.raises(InvalidRequest):
         catalog.create_token(user="alice", label="x\n" * 3)
     with pytest.raises(InvalidRequest):

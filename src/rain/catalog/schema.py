@@ -66,6 +66,8 @@ class TokenRow(Base):
     """A user's token, or (`node` set, no user) a node agent's credential."""
 
     __tablename__ = "tokens"
+    # Ids are what `rain token revoke` takes: SQLite must not hand a revoked one out again.
+    __table_args__ = {"sqlite_autoincrement": True}
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     user_id: Mapped[int | None] = mapped_column(
         ForeignKey("users.id", ondelete="CASCADE"), index=True, nullable=True)

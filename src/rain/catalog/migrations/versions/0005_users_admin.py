@@ -20,8 +20,9 @@ def upgrade() -> None:
     op.add_column("users", sa.Column("disabled", sa.Boolean, nullable=False,
                                      server_default=sa.false()))
     op.add_column("users", sa.Column("deleted", TS))
-    # SQLite cannot drop NOT NULL in place: batch mode copies the table (tokens are small).
-    with op.batch_alter_table("tokens") as batch:
+    # SQLite cannot drop NOT NULL in place: batch mode copies the table (tokens are small),
+    # and the copy never reuses the id of a revoked token (ids are what revoking takes).
+    with op.batch_alter_table("tokens", table_kwargs={"sqlite_autoincrement": True}) as batch:
         batch.alter_column("user_id", existing_type=sa.Integer, nullable=True)
         batch.add_column(sa.Column("node", sa.String(64)))
         batch.add_column(sa.Column("last_used", TS))
