@@ -206,6 +206,12 @@ def update_image(ref: str, r: Repo, user: Viewer,
     return r.update(user, ref, changes).to_dict()
 
 
+@router.post("/{ref}/rescan")
+def rescan_image(ref: str, r: Repo, user: Viewer) -> dict[str, Any]:
+    """Read OS, release, arch and packages again from the stored image (owner or admin)."""
+    return r.rescan(user, ref).to_dict()
+
+
 @router.delete("/{ref}")
 def delete_image(ref: str, r: Repo, user: Viewer) -> dict[str, Any]:
     return r.delete(user, ref).to_dict()

@@ -163,6 +163,9 @@ class Client(BuildCalls, NodeCalls, DeployCalls):
     def update(self, ref: str, **changes: Any) -> dict[str, Any]:
         return dict(self._request("PATCH", f"/v1/images/{ref}", json=changes))
 
+    def rescan(self, ref: str) -> dict[str, Any]:
+        return dict(self._request("POST", f"/v1/images/{ref}/rescan"))
+
     def delete(self, ref: str) -> dict[str, Any]:
         return dict(self._request("DELETE", f"/v1/images/{ref}"))
 

@@ -39,6 +39,7 @@ from rain.repo.access import (
 from rain.repo.config import RepoConfig
 from rain.repo.convert import variant_for
 from rain.repo.deployments import DeploymentRecords
+from rain.repo.detect import detect_and_record, forget_detected
 from rain.repo.nodes import NodeRegistry
 from rain.repo.rebuild import PurgeAndRebuild, Rebuilder, feed_file
 from rain.repo.upload import UploadLimits, UploadResult, UploadSession, stream_into_store
@@ -216,7 +217,8 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords):
             manifest_id=result.manifest_id)
         if not ok:
             raise Conflict(f"image {image.id} changed state during the upload")
-        active = self.catalog.get_image(image.id)
+        active = detect_and_record(self.catalog, self.store, self.catalog.get_image(image.id),
+                                   result.manifest)
         self.run_activation_hooks(active)
         return active
 
@@ -298,6 +300,7 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords):
             fields["is_base"] = bool(changes["base"])
         if fields:
             self.catalog.update_image(image.id, **fields)
+            forget_detected(self.catalog, image, set(fields))
         if changes.get("add_tags") or changes.get("remove_tags"):
             self.catalog.edit_tags(image.id, changes.get("add_tags") or [],
                                    changes.get("remove_tags") or [])
@@ -308,6 +311,16 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords):
         if changes.get("deactivated") is not None:
             self._set_active(image, not changes["deactivated"])
         return self.catalog.get_image(image.id)
+
+    def rescan(self, viewer: User | None, ref: str) -> Image:
+        """Read OS, release, arch and packages again from a stored image (owner or admin)."""
+        image = self.catalog.resolve(ref, require_user(viewer))
+        require_modify(viewer, image, "rescan")
+        manifest_id = self.catalog.manifest_id(image.id)
+        if image.status not in (ImageStatus.ACTIVE, ImageStatus.DEACTIVATED) or not manifest_id:
+            raise Conflict(f"image {image.id} is {image.status} and has no data to read")
+        return detect_and_record(self.catalog, self.store, image,
+                                 self.store.get_manifest(manifest_id))
 
     def _set_active(self, image: Image, active: bool) -> None:
         src, dst = ((ImageStatus.DEACTIVATED, ImageStatus.ACTIVE) if active
