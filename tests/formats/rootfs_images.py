@@ -47,7 +47,7 @@ def elf_header(machine: int = 62) -> bytes:
 
 
 def make_tree(root: Path, *, arch_file: bool = True, os_release: str = OS_RELEASE,
-              status: str | None = None) -> Path:
+              status: str | None = None, tools: int = 300) -> Path:
     (root / "usr/lib").mkdir(parents=True)
     (root / "usr/bin").mkdir(parents=True)
     (root / "etc").mkdir()
@@ -60,7 +60,7 @@ def make_tree(root: Path, *, arch_file: bool = True, os_release: str = OS_RELEAS
     (root / "bin").symlink_to("usr/bin")
     (root / "usr/bin/dash").write_bytes(elf_header() + bytes(1000))
     (root / "usr/bin/sh").symlink_to("dash")
-    for i in range(300):  # enough entries that /usr/bin spans several directory blocks
+    for i in range(tools):  # 300: enough entries that /usr/bin spans several directory blocks
         (root / "usr/bin" / f"tool-{i:03d}-with-a-longer-name").write_text("x")
     return root
 
@@ -68,6 +68,8 @@ def make_tree(root: Path, *, arch_file: bool = True, os_release: str = OS_RELEAS
 def mke2fs(tree: Path, path: Path, size: int = 64 * MiB, *options: str) -> Path:
     if shutil.which("mke2fs") is None:
         pytest.skip("mke2fs is not installed")
+    if "-t" not in options:
+        options = ("-t", "ext4", *options)
     subprocess.run(["mke2fs", "-q", "-F", *options, "-d", str(tree), str(path),
                     str(size // 1024)], check=True, capture_output=True, timeout=60)
     return path
