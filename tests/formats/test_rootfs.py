@@ -191,3 +191,24 @@ def test_budget_stops_reading(tmp_path: Path) -> None:
 def test_os_release_quoting() -> None:
     fields = parse_os_release('ID=ubuntu\nVERSION_ID="22.04"\nNAME=\'Ubuntu\'\n# c\nX="a\\"b"\n')
     assert fields == {"ID": "ubuntu", "VERSION_ID": "22.04", "NAME": "Ubuntu", "X": 'a"b'}
+
+
+def test_a_large_dpkg_status_is_read_in_bounded_pieces(tmp_path: Path) -> None:
+    """~20 MiB of status (longer than one bounded read) and 50 000 packages."""
+    stanza = ("Package: pkg-{i}\nStatus: install ok installed\nArchitecture: amd64\n"
+              "Version: 1.{i}-1\nDescription: filler\n" + " more description text\n" * 12)
+    status = "\n".join(stanza.format(i=i) for i in range(50_000))
+    assert len(status) > 16 * MiB
+    tree = make_tree(tmp_path / "tree", status=status, tools=0)
+    info = detect(mke2fs(tree, tmp_path / "fs.img", 64 * MiB))
+    assert len(info.packages) == 50_000 and info.packages["pkg-49999"] == "1.49999-1"
+
+
+def test_a_status_over_its_limit_is_refused(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from rain.formats import rootfs
+
+    monkeypatch.setattr(rootfs, "MAX_DPKG_STATUS", 1024)
+    fs = mke2fs(make_tree(tmp_path / "tree"), tmp_path / "fs.img", 16 * MiB)
+    with pytest.raises(InvalidImage, match="is larger than 1024 bytes"):
+        detect(fs)
