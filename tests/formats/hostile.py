@@ -43,6 +43,18 @@ def _qcow2(directory: Path, *options: str, size: str = "16M") -> Path:
     return path
 
 
+def patched(build: Callable[[Path], Path], *patches: tuple[int, bytes]) -> Callable[[Path], Path]:
+    """A builder: what `build` makes, with bytes overwritten at the given offsets."""
+
+    def make(d: Path) -> Path:
+        path = build(d)
+        for offset, data in patches:
+            patch(path, offset, data)
+        return path
+
+    return make
+
+
 def backing_passwd(d: Path) -> Path:
     path = _qcow2(d, "backing_file=/etc/passwd", "backing_fmt=raw")
     return path
@@ -75,24 +87,6 @@ def data_file_extension_only(d: Path) -> Path:
     raw = bytearray(path.read_bytes())
     (incompatible,) = struct.unpack_from(">Q", raw, 72)
     patch(path, 72, struct.pack(">Q", incompatible & ~(1 << 2)))
-    return path
-
-
-def huge_l1(d: Path) -> Path:
-    path = _qcow2(d)
-    patch(path, 36, struct.pack(">I", 0x10000000))  # l1_size: 2 GiB of L1 table
-    return path
-
-
-def huge_size(d: Path) -> Path:
-    path = _qcow2(d)
-    patch(path, 24, struct.pack(">Q", 1 << 60))
-    return path
-
-
-def unknown_feature(d: Path) -> Path:
-    path = _qcow2(d)
-    patch(path, 72, struct.pack(">Q", 1 << 10))
     return path
 
 
@@ -229,9 +223,13 @@ def vmdk_parent(d: Path) -> Path:
     return path
 
 
+def _stream_vmdk(d: Path) -> Path:
+    return _sparse_vmdk(d, "subformat=streamOptimized")
+
+
 def vmdk_footer_elsewhere(d: Path) -> Path:
     """Grain directory "at end" and a footer whose header names another descriptor."""
-    path = _sparse_vmdk(d, "subformat=streamOptimized")
+    path = _stream_vmdk(d)
     raw = path.read_bytes()
     header = bytearray(raw[:512])
     patch(path, 56, struct.pack("<Q", 0xFFFFFFFFFFFFFFFF))  # gd_offset: see the footer
@@ -240,20 +238,6 @@ def vmdk_footer_elsewhere(d: Path) -> Path:
     marker = struct.pack("<QII", 1, 0, 3).ljust(512, b"\0")  # footer marker
     with path.open("ab") as f:
         f.write(marker + bytes(footer) + bytes(512))  # + end-of-stream marker
-    return path
-
-
-def vmdk_gd_at_end_without_footer(d: Path) -> Path:
-    path = _sparse_vmdk(d, "subformat=streamOptimized")
-    patch(path, 56, struct.pack("<Q", 0xFFFFFFFFFFFFFFFF))
-    return path
-
-
-def mbr_with_qcow2_boot_code(d: Path) -> Path:
-    """A qcow2 header where the MBR's boot code goes, and the 0x55AA signature."""
-    path = _qcow2(d)
-    patch(path, 446, struct.pack("<B3BB3BII", 0, 0, 2, 0, 0x83, 0, 0, 0, 2048, 8192))
-    patch(path, 510, b"\x55\xaa")
     return path
 
 
@@ -287,24 +271,15 @@ def mbr_without_partitions(d: Path) -> Path:
     return path
 
 
-def vpc_differencing(d: Path) -> Path:
-    path = d / "disk.vpc"
-    qemu_img("create", "-f", "vpc", path, "16M")
-    patch(path, 60, struct.pack(">I", 4))
-    return path
-
-
-def vdi_differencing(d: Path) -> Path:
-    path = d / "disk.vdi"
-    qemu_img("create", "-f", "vdi", path, "16M")
-    patch(path, 0x1B8, uuid.uuid4().bytes)  # parent UUID
+def _create(d: Path, fmt: str, *args: str, size: str = "16M") -> Path:
+    """`qemu-img create [args] -f fmt disk.fmt size`."""
+    path = d / f"disk.{fmt}"
+    qemu_img("create", *args, "-f", fmt, path, size)
     return path
 
 
 def _vhdx(d: Path) -> Path:
-    path = d / "disk.vhdx"
-    qemu_img("create", "-f", "vhdx", path, "64M")
-    return path
+    return _create(d, "vhdx", size="64M")
 
 
 def vhdx_parent_locator(d: Path) -> Path:
@@ -325,45 +300,40 @@ def vhdx_too_many_regions(d: Path) -> Path:
     return path
 
 
+def _vhdx_metadata_entries(path: Path) -> list[int]:
+    """Where the metadata region's entry is in each of the two region tables."""
+    raw = path.read_bytes()
+    meta = uuid.UUID("8B7CA206-4790-4B9A-B8FE-575F050F886E").bytes_le
+    return [raw.index(meta, table) for table in (192 * 1024, 256 * 1024)]
+
+
 def vhdx_region_past_eof(d: Path) -> Path:
     """The metadata region's offset moved far past the end of the file."""
     path = _vhdx(d)
-    raw = path.read_bytes()
-    meta = uuid.UUID("8B7CA206-4790-4B9A-B8FE-575F050F886E").bytes_le
-    for table in (192 * 1024, 256 * 1024):
-        at = raw.index(meta, table)
+    for at in _vhdx_metadata_entries(path):
         patch(path, at + 16, struct.pack("<Q", 1 << 40))
     return path
 
 
 def vhdx_unknown_required_region(d: Path) -> Path:
     path = _vhdx(d)
-    raw = path.read_bytes()
-    meta = uuid.UUID("8B7CA206-4790-4B9A-B8FE-575F050F886E").bytes_le
-    for table in (192 * 1024, 256 * 1024):
-        at = raw.index(meta, table)
+    for at in _vhdx_metadata_entries(path):
         patch(path, at, uuid.uuid4().bytes_le)
         patch(path, at + 28, struct.pack("<I", 1))
     return path
 
 
 def qed(d: Path) -> Path:
-    path = d / "disk.qed"
-    qemu_img("create", "-f", "qed", path, "16M")
-    return path
+    return _create(d, "qed")
 
 
 def qcow1(d: Path) -> Path:
-    path = d / "disk.qcow"
-    qemu_img("create", "-f", "qcow", path, "16M")
-    return path
+    return _create(d, "qcow")
 
 
 def luks(d: Path) -> Path:
-    path = d / "disk.luks"
-    qemu_img("create", "--object", "secret,id=s0,data=hunter2", "-f", "luks", "-o",
-             "key-secret=s0,iter-time=10", path, "16M")
-    return path
+    return _create(d, "luks", "--object", "secret,id=s0,data=hunter2", "-o",
+                   "key-secret=s0,iter-time=10")
 
 
 Q, V = DiskFormat.QCOW2, DiskFormat.VMDK
@@ -373,9 +343,11 @@ HOSTILE: list[Hostile] = [
     Hostile("qcow2-external-data-file", Q, data_file),
     Hostile("qcow2-external-data-file-/etc/passwd", Q, data_file_passwd),
     Hostile("qcow2-data-file-name-without-feature-bit", Q, data_file_extension_only),
-    Hostile("qcow2-huge-l1-table", Q, huge_l1),
-    Hostile("qcow2-virtual-size-2^60", Q, huge_size),
-    Hostile("qcow2-unknown-incompatible-feature", Q, unknown_feature),
+    Hostile("qcow2-huge-l1-table", Q,  # l1_size: 2 GiB of L1 table
+            patched(_qcow2, (36, struct.pack(">I", 0x10000000)))),
+    Hostile("qcow2-virtual-size-2^60", Q, patched(_qcow2, (24, struct.pack(">Q", 1 << 60)))),
+    Hostile("qcow2-unknown-incompatible-feature", Q,
+            patched(_qcow2, (72, struct.pack(">Q", 1 << 10)))),
     Hostile("qcow2-truncated", Q, truncated_qcow2),
     Hostile("qcow2-encrypted-luks", Q, encrypted_qcow2),
     Hostile("raw-declared-starts-with-qcow2", DiskFormat.RAW, raw_with_qcow2_header),
@@ -396,13 +368,18 @@ HOSTILE: list[Hostile] = [
     Hostile("vmdk-zero-capacity", V, vmdk_zero_capacity),
     Hostile("vmdk-parent", V, vmdk_parent),
     Hostile("vmdk-footer-names-another-descriptor", V, vmdk_footer_elsewhere),
-    Hostile("vmdk-gd-at-end-without-footer", V, vmdk_gd_at_end_without_footer),
-    Hostile("mbr-boot-code-is-qcow2", Q, mbr_with_qcow2_boot_code),
+    Hostile("vmdk-gd-at-end-without-footer", V,
+            patched(_stream_vmdk, (56, struct.pack("<Q", 0xFFFFFFFFFFFFFFFF)))),
+    Hostile("mbr-boot-code-is-qcow2", Q,  # a qcow2 header as boot code, a partition, 0x55AA
+            patched(_qcow2, (446, struct.pack("<B3BB3BII", 0, 0, 2, 0, 0x83, 0, 0, 0, 2048, 8192)),
+                    (510, b"\x55\xaa"))),
     Hostile("mbr-gap-with-qcow2-and-vmdk-magic", DiskFormat.RAW, mbr_gap_with_magic),
     Hostile("gpt-partition-holding-backing-qcow2", DiskFormat.RAW, gpt_partition_with_qcow2),
     Hostile("mbr-without-partitions", DiskFormat.RAW, mbr_without_partitions),
-    Hostile("vpc-differencing", DiskFormat.VPC, vpc_differencing),
-    Hostile("vdi-differencing", DiskFormat.VDI, vdi_differencing),
+    Hostile("vpc-differencing", DiskFormat.VPC,
+            patched(lambda d: _create(d, "vpc"), (60, struct.pack(">I", 4)))),
+    Hostile("vdi-differencing", DiskFormat.VDI,  # a parent UUID
+            patched(lambda d: _create(d, "vdi"), (0x1B8, uuid.uuid4().bytes))),
     Hostile("vhdx-parent-locator", DiskFormat.VHDX, vhdx_parent_locator),
     Hostile("vhdx-5000-regions", DiskFormat.VHDX, vhdx_too_many_regions),
     Hostile("vhdx-metadata-region-past-eof", DiskFormat.VHDX, vhdx_region_past_eof),
