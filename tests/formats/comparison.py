@@ -26,7 +26,10 @@ class Row:
 
     @property
     def inspector_accepts(self) -> bool:
-        return len(self.inspector.formats) == 1 and not (
+        """One format and no failed check; gpt+iso is the one double match oslo documents as
+        legitimate (bootable ISOs), which Glance accepts as an ISO."""
+        formats = set(self.inspector.formats)
+        return (len(formats) == 1 or formats == {"gpt", "iso"}) and not (
             self.inspector.failures or self.inspector.error)
 
 

@@ -11,6 +11,7 @@ No binary image is committed: the corpus is whatever this host's qemu-img makes.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,17 @@ def iso(directory: Path) -> Path:
     return make_iso(directory / "disc.iso", 2 * MiB)
 
 
+def hybrid_iso(directory: Path) -> Path:
+    """An ISO that is also an MBR disk (as isohybrid makes installer images)."""
+    path = iso(directory)
+    with path.open("r+b") as f:
+        f.seek(446)
+        f.write(struct.pack("<B3BB3BII", 0x80, 0, 1, 0, 0x17, 0, 0, 0, 0, 4096))
+        f.seek(510)
+        f.write(b"\x55\xaa")
+    return path
+
+
 Q = DiskFormat.QCOW2
 GOOD: list[Case] = [
     # The issue's own example, and blank disks of other sizes.
@@ -125,4 +137,5 @@ GOOD: list[Case] = [
     Case("raw", DiskFormat.RAW, raw),
     Case("raw-create", DiskFormat.RAW, created("raw", "16M")),
     Case("iso", DiskFormat.ISO, iso),
+    Case("iso-hybrid-mbr", DiskFormat.ISO, hybrid_iso),
 ]

@@ -138,7 +138,7 @@ def refuse_if_inspector_does(fmt: DiskFormat, opinion: InspectorOpinion, header:
             " two formats at once is refused")
     if opinion.error:
         raise InvalidImage(f"the format inspector cannot parse the {fmt} image: {opinion.error}")
-    seen = opinion.format
+    seen = opinion.format or ("raw" if names and names <= RAW_FAMILY else None)
     expected = OSLO_NAME[fmt]
     raw_like = fmt in (DiskFormat.RAW, DiskFormat.ISO) or (
         fmt is DiskFormat.VPC and seen in RAW_FAMILY)  # a fixed VHD starts with plain data
