@@ -102,7 +102,7 @@ def truncated_qcow2(d: Path) -> Path:
 def encrypted_qcow2(d: Path) -> Path:
     path = d / "enc.qcow2"
     qemu_img("create", "--object", "secret,id=s0,data=hunter2", "-f", "qcow2", "-o",
-             "encrypt.format=luks,encrypt.key-secret=s0", path, "16M")
+             "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", path, "16M")
     return path
 
 
