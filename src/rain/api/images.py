@@ -212,6 +212,12 @@ def update_image(ref: str, r: Repo, user: Viewer,
     return r.update(user, ref, changes).to_dict()
 
 
+@router.post("/{ref}/rescan")
+def rescan_image(ref: str, r: Repo, user: Viewer) -> dict[str, Any]:
+    """Read OS, release, arch and packages again from the stored image (owner or admin)."""
+    return r.rescan(user, ref).to_dict()
+
+
 @router.delete("/{ref}")
 def delete_image(ref: str, r: Repo, user: Viewer, force: bool = False) -> dict[str, Any]:
     """Delete (refused while protected; 409 while other images derive from it or live

@@ -280,7 +280,11 @@ def set_(image: str,
          untag: Annotated[list[str] | None, typer.Option("--untag")] = None,
          visibility: Annotated[str | None, typer.Option()] = None,
          name: Annotated[str | None, typer.Option()] = None,
+         version: Annotated[str | None, typer.Option()] = None,
          description: Annotated[str | None, typer.Option()] = None,
+         os_distro: Annotated[str | None, typer.Option("--os-distro")] = None,
+         os_release: Annotated[str | None, typer.Option("--os-release")] = None,
+         arch: Annotated[str | None, typer.Option()] = None,
          protected: Annotated[bool | None, typer.Option("--protected/--unprotected")] = None,
          deactivate: Annotated[bool | None, typer.Option("--deactivate/--reactivate")] = None,
          base: Annotated[bool | None, typer.Option("--base/--not-base")] = None,
@@ -289,10 +293,18 @@ def set_(image: str,
     changes: dict[str, Any] = {
         "properties": _pairs(prop, "property") or None, "remove_properties": unset or None,
         "add_tags": tag or None, "remove_tags": untag or None, "visibility": visibility,
-        "name": name, "description": description, "protected": protected,
+        "name": name, "version": version, "description": description, "os_distro": os_distro,
+        "os_release": os_release, "arch": arch, "protected": protected,
         "deactivated": deactivate, "base": base}
     info = _client(url, token).update(image, **{k: v for k, v in changes.items()
                                                  if v is not None})
+    print_json(info) if json else image_detail(info)
+
+
+@app.command()
+def rescan(image: str, url: Url = None, token: Token = None, json: Json = False) -> None:
+    """Read OS, release, arch and packages again from a stored image's root filesystem."""
+    info = _client(url, token).rescan(image)
     print_json(info) if json else image_detail(info)
 
 

@@ -164,6 +164,9 @@ class Client(BuildCalls, NodeCalls, DeployCalls, UserCalls):
     def update(self, ref: str, **changes: Any) -> dict[str, Any]:
         return dict(self._request("PATCH", f"/v1/images/{ref}", json=changes))
 
+    def rescan(self, ref: str) -> dict[str, Any]:
+        return dict(self._request("POST", f"/v1/images/{ref}/rescan"))
+
     def delete(self, ref: str, *, force: bool = False) -> dict[str, Any]:
         params = {"force": "true"} if force else None
         return dict(self._request("DELETE", f"/v1/images/{ref}", params=params))

@@ -13,6 +13,8 @@ An upload is checked twice:
    readable, then `qemu-img info` with the driver fixed to the detected
    format (run under `ToolLimits`) must agree with us, must not report
    backing/data/extent files, and `qemu-img check` must find no corruption.
+3. Both times, oslo.utils' format inspector (Glance's) gives a second opinion
+   that can refuse, never accept (`oslo_inspector.py`; see docs/formats.md).
 
 Declared vs detected format:
 
@@ -48,6 +50,7 @@ from rain.formats.headers import (
     printable,
     refuse_foreign,
 )
+from rain.formats.oslo_inspector import opinion_of, opinion_of_header, refuse_if_inspector_does
 from rain.formats.tool import CONVERT_LIMITS, DEFAULT_LIMITS, ToolExitError, ToolLimits
 from rain.model import DiskFormat
 from rain.model.errors import InvalidImage
@@ -86,6 +89,7 @@ def inspect_header(
     declared: DiskFormat | None,
     max_virtual_size: int,
     limits: ToolLimits = DEFAULT_LIMITS,
+    second_opinion: bool = True,
 ) -> DiskFormat:
     """The format of an upload from its first bytes; refuses what is already known to be bad.
 
@@ -104,6 +108,8 @@ def inspect_header(
         check_virtual_size(fmt, virtual, max_virtual_size)
     if fmt in (DiskFormat.RAW, DiskFormat.ISO):
         verify_raw_header(header, limits=limits)
+        if second_opinion:  # raw content is never spooled: this is the inspector's one look
+            refuse_if_inspector_does(fmt, opinion_of_header(header), header)
     return fmt
 
 
@@ -113,8 +119,12 @@ def inspect_file(
     declared: DiskFormat | None,
     max_virtual_size: int,
     limits: ToolLimits = DEFAULT_LIMITS,
+    second_opinion: bool = True,
 ) -> ImageInfo:
-    """Fully verify a complete image file and describe it; raises `InvalidImage` if unsafe."""
+    """Fully verify a complete image file and describe it; raises `InvalidImage` if unsafe.
+
+    `second_opinion=False` leaves out oslo's format inspector (for comparing the two).
+    """
     path = Path(path)
     with path.open("rb") as f:
         fd = f.fileno()
@@ -126,6 +136,7 @@ def inspect_file(
         fmt = _reconcile(declared, detected, fixed_vhd=fixed_vhd_size(footer) is not None)
         view = ImageBytes(header, total, lambda offset, n: os.pread(fd, n, offset))
         check_header(fmt, view, max_virtual_size)
+        opinion = opinion_of(lambda offset, n: os.pread(fd, n, offset), total)
 
     try:
         data = qemu.info(path, fmt, limits)
@@ -138,7 +149,9 @@ def inspect_file(
     if fmt in (DiskFormat.RAW, DiskFormat.ISO):
         _probe_is_raw(path, limits)
     if fmt in CHECKED_FORMATS:
-        _check_metadata(path, fmt, total, limits)
+        _check_metadata(path, fmt, total, info.cluster_size or 1, limits)
+    if second_opinion:  # last: rain's own reasons, when it has one, are the clearer message
+        refuse_if_inspector_does(fmt, opinion, header)
     return info
 
 
@@ -264,7 +277,8 @@ def _probe_is_raw(path: Path, limits: ToolLimits) -> None:
         raise InvalidImage(f"the content is {probed} according to qemu-img, not raw")
 
 
-def _check_metadata(path: Path, fmt: DiskFormat, total: int, limits: ToolLimits) -> None:
+def _check_metadata(path: Path, fmt: DiskFormat, total: int, cluster_size: int,
+                    limits: ToolLimits) -> None:
     try:
         report = qemu.check(path, fmt, limits)
     except ToolExitError as exc:
@@ -272,7 +286,10 @@ def _check_metadata(path: Path, fmt: DiskFormat, total: int, limits: ToolLimits)
         problem = "is truncated" if _PAST_EOF.search(reason) else "failed its check"
         raise InvalidImage(f"{fmt} image {problem}: {reason}") from None
     end = report.get("image-end-offset")
-    if isinstance(end, int) and end > total:
+    # qemu-img writes a last metadata cluster only as far as its contents go (a blank
+    # 16M qcow2 ends 8 bytes into its L1 cluster) and reads the rest as zeros, so the
+    # end offset, a multiple of the cluster size, may lie up to a cluster past EOF.
+    if isinstance(end, int) and end > -(-total // cluster_size) * cluster_size:
         raise InvalidImage(
             f"{fmt} image is truncated: its data needs {end} bytes but the file has {total}"
         )

@@ -42,6 +42,7 @@ from rain.repo.config import RepoConfig
 from rain.repo.convert import variant_for
 from rain.repo.credentials import Credentials
 from rain.repo.deployments import DeploymentRecords
+from rain.repo.detect import detect_and_record, forget_detected
 from rain.repo.nodes import NodeRegistry
 from rain.repo.rebuild import PurgeAndRebuild, Rebuilder, feed_file
 from rain.repo.upload import UploadLimits, UploadResult, UploadSession, stream_into_store
@@ -228,7 +229,8 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, 
             manifest_id=result.manifest_id)
         if not ok:
             raise Conflict(f"image {image.id} changed state during the upload")
-        active = self.catalog.get_image(image.id)
+        active = detect_and_record(self.catalog, self.store, self.catalog.get_image(image.id),
+                                   result.manifest)
         self.run_activation_hooks(active)
         return active
 
@@ -316,6 +318,7 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, 
                              "properties")
         if fields:
             self.catalog.update_image(image.id, **fields)
+            forget_detected(self.catalog, image, set(fields))
         if add_tags or remove_tags:
             self.catalog.edit_tags(image.id, add_tags, remove_tags)
         if props or unset:
@@ -323,6 +326,16 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, 
         if changes.get("deactivated") is not None:
             self._set_active(image, not changes["deactivated"])
         return self.catalog.get_image(image.id)
+
+    def rescan(self, viewer: User | None, ref: str) -> Image:
+        """Read OS, release, arch and packages again from a stored image (owner or admin)."""
+        image = self.catalog.resolve(ref, require_user(viewer))
+        require_modify(viewer, image, "rescan")
+        manifest_id = self.catalog.manifest_id(image.id)
+        if image.status not in (ImageStatus.ACTIVE, ImageStatus.DEACTIVATED) or not manifest_id:
+            raise Conflict(f"image {image.id} is {image.status} and has no data to read")
+        return detect_and_record(self.catalog, self.store, image,
+                                 self.store.get_manifest(manifest_id))
 
     def _set_active(self, image: Image, active: bool) -> None:
         src, dst = ((ImageStatus.DEACTIVATED, ImageStatus.ACTIVE) if active
