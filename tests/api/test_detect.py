@@ -96,16 +96,17 @@ def test_rain_set_corrects_and_rescan_keeps_corrections(server: Server,
 
 def test_rescan_fills_what_an_old_image_lacks(server: Server, disks: dict[str, Path]) -> None:
     image = push(server, disks["raw"], "stranger-old")
-    # As an image stored before detection existed: nothing known.
+    # As an image stored before detection existed: nothing known. (Clearing the fields
+    # takes them out of rain.detected; users cannot touch rain.* properties themselves.)
     client = Client(server.url, server.token)
-    client.update(image["id"], os_distro="", os_release="", arch="",
-                  remove_properties=["rain.detected", "rain.detected_from"])
+    client.update(image["id"], os_distro="", os_release="", arch="")
     bare = show(server, image["id"])
-    assert bare["os_distro"] == "" and "rain.detected" not in bare["properties"]
+    assert bare["os_distro"] == "" and bare["properties"]["rain.detected"] == "packages"
     again = client.rescan(image["id"])
     assert (again["os_distro"], again["os_release"], again["arch"]) == (
         "debian", "bookworm", "amd64")
-    assert again["properties"]["rain.detected"] == "os_distro,os_release,arch"
+    assert set(again["properties"]["rain.detected"].split(",")) == {
+        "os_distro", "os_release", "arch", "packages"}
 
 
 def test_detection_failure_is_one_line_and_the_image_is_active(
