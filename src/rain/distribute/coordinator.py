@@ -100,6 +100,7 @@ class Coordinator:
         self.work = side.data_dir / "deployments"
         ca = getattr(side.config, "agent_ca", "")
         self.agent_context = ssl.create_default_context(cafile=ca) if ca else None
+        side.agent_context = self.agent_context
         shutil.rmtree(self.work, ignore_errors=True)
         self._lock = threading.Lock()
         self._runs: dict[str, DeploymentRun] = {}
