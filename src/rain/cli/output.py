@@ -92,51 +92,6 @@ def transfer_progress(label: str, total: int | None) -> Iterator[Any]:
         yield lambda n: progress.advance(task, n)
 
 
-class BuildDisplay:
-    """A build as it runs, fed each poll's answer by `Client.follow_build`.
-
-    On a terminal: a bar with the phase and its progress, log lines (with
-    `show_log`) scrolling above it. Piped: plain lines on stderr — one per
-    phase and, with `show_log`, the log — and nothing at all without it.
-    """
-
-    def __init__(self, label: str, *, show_log: bool) -> None:
-        self.label = label
-        self.show_log = show_log
-        self.phase: str | None = None
-        self._progress: Progress | None = None
-        self._task: Any = None
-
-    def __enter__(self) -> BuildDisplay:
-        if err.is_terminal:
-            self._progress = Progress("[progress.description]{task.description}", BarColumn(),
-                                      "{task.percentage:>3.0f}%", console=err, transient=True)
-            self._progress.start()
-            self._task = self._progress.add_task(self.label, total=1.0)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-    def update(self, build: dict[str, Any]) -> None:
-        text = build.get("log") or ""
-        if self.show_log and text:
-            for line in text.rstrip("\n").split("\n"):
-                if self._progress is not None:
-                    self._progress.console.print(line, markup=False, highlight=False)
-                else:
-                    sys.stderr.write(line + "\n")
-        phase = build.get("phase") or build.get("status") or ""
-        if self._progress is not None:
-            self._progress.update(self._task, description=f"{self.label} {phase}",
-                                  completed=float(build.get("progress") or 0.0))
-        elif self.show_log and phase != self.phase:
-            sys.stderr.write(f"== {phase}\n")
-        self.phase = phase
-        sys.stderr.flush()
-
-
 def build_table(builds: list[dict[str, Any]], total: int | None = None) -> None:
     table = Table(show_edge=False, header_style="bold")
     for col in ("ID", "STATUS", "PHASE", "PROGRESS", "IMAGE", "REBUILD OF", "OWNER", "CREATED"):

@@ -121,6 +121,13 @@ class ToolFailed(RainError):
         self.stderr = stderr
 
 
+class BuildCancelled(RainError):
+    """Raised inside a running build once it was asked to stop (rain.build.progress)."""
+
+    code = "build_cancelled"
+    status = 409
+
+
 ERRORS_BY_CODE: dict[str, type[RainError]] = {
     cls.code: cls
     for cls in (
@@ -137,5 +144,6 @@ ERRORS_BY_CODE: dict[str, type[RainError]] = {
         ImageRebuilding,
         StoreCorruption,
         ToolFailed,
+        BuildCancelled,
     )
 }
