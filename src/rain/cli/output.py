@@ -9,14 +9,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Table
+
+from rain.cli.transferbar import TransferBar
 
 # Piped output is not cut to 80 columns: scripts and `grep` see whole rows.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 250)
@@ -81,15 +76,14 @@ def image_detail(i: dict[str, Any]) -> None:
 
 @contextmanager
 def transfer_progress(label: str, total: int | None) -> Iterator[Any]:
-    """A progress bar on a terminal; nothing when output is piped."""
+    """A progress bar on a terminal (None when output is piped): call it with bytes
+    done; its `phase(what, total)` starts a step of its own — a bar again when the step
+    counts bytes, a spinner and the time when it only waits (the server converting)."""
     if not err.is_terminal:
         yield None
         return
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), console=err,
-                  transient=True) as progress:
-        task = progress.add_task(label, total=total)
-        yield lambda n: progress.advance(task, n)
+    with TransferBar(label, total, err) as bar:
+        yield bar
 
 
 def build_table(builds: list[dict[str, Any]], total: int | None = None) -> None:
