@@ -34,11 +34,10 @@ from tests.api.test_repository import make_raw, sha256
 from tests.conftest import ROOT, Server, run_cli, start_server, stop_server
 
 pytestmark = pytest.mark.integration
-# The server imports the double from the checkout, and rain from wherever it came from
-# for this run (a PYTHONPATH pointing at a worktree's src/ stays in front).
+# This checkout's sources first: the server must run the code under test, not an
+# installed copy (and it imports the test double from tests/).
 DOUBLE = {"RAIN_BUILD__RUNNER": "tests.build.doubles:make_runner",
-          "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"),
-                                                      str(ROOT)])),
+          "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
           "RAIN_BUILD__POLL_SECONDS": "0.2"}
 
 

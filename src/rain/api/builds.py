@@ -13,7 +13,8 @@ from rain.api.deps import repo, viewer
 from rain.api.images import parse_duration
 from rain.build.jobs import BuildQueue
 from rain.build.template import parse_template
-from rain.model import Build, BuildStatus, Image, InvalidRequest, RainError, User
+from rain.model import Build, Image, InvalidRequest, RainError, User
+from rain.model.build import BuildStatus
 from rain.repo import Repository
 
 router = APIRouter(prefix="/v1")
