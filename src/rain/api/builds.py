@@ -14,7 +14,6 @@ from rain.api.images import parse_duration
 from rain.build.jobs import BuildQueue
 from rain.build.template import parse_template
 from rain.model import Build, Image, InvalidRequest, RainError, User
-from rain.model.build import BuildStatus
 from rain.repo import Repository
 
 router = APIRouter(prefix="/v1")
@@ -113,7 +112,7 @@ def show_build(build_id: str, queue: Builds, user: Viewer,
         raise InvalidRequest("log_offset must be >= 0")
     build = queue.get(user, build_id, log_offset=log_offset)
     limit = queue.config.boot_timeout if build.phase == "boot-test" and \
-        build.status == BuildStatus.RUNNING else None
+        not build.status.finished else None
     return {**build.to_dict(), "phase_timeout_s": limit}
 
 
