@@ -199,6 +199,15 @@ def test_template_extending_a_template_travels_with_its_parent(env: Env) -> None
     assert other.template_digest != build.template_digest
 
 
+def wait_for_line(env: Env, build_id: str, text: str) -> Build:
+    """The build once its log has `text` (the runner got that far)."""
+    deadline = time.monotonic() + 10
+    while text not in (build := env.repo.catalog.get_build(build_id, log_offset=0)).log:
+        assert time.monotonic() < deadline, build.log
+        time.sleep(0.02)
+    return build
+
+
 def scratch_of(build: Build) -> Path:
     """The scratch directory the test double's `hold` logged."""
     line = next(x for x in build.log.splitlines() if x.startswith("scratch "))
@@ -207,12 +216,7 @@ def scratch_of(build: Build) -> Path:
 
 def test_cancel_queued_and_running_builds(env: Env) -> None:
     running = env.queue.submit(env.alice, template("held", "hold"))
-    held = env.wait(running.id, BuildStatus.RUNNING)
-    deadline = time.monotonic() + 10
-    while "scratch " not in held.log:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-        held = env.repo.catalog.get_build(running.id, log_offset=0)
+    held = wait_for_line(env, running.id, "scratch ")
     env.runner.gate = gate = threading.Event()
     other = env.queue.submit(env.alice, template("r1"))
     queued = env.queue.submit(env.alice, template("later"))
@@ -243,7 +247,7 @@ def test_a_build_that_finishes_after_its_cancel_leaves_no_image(env: Env,
     """The runner notices too late and makes its image anyway: the image is taken back
     (deleted; for a rebuild, purged again) and the build still ends cancelled."""
     build = env.queue.submit(env.alice, template("late", "ignore-cancel"))
-    env.wait(build.id, BuildStatus.RUNNING)
+    wait_for_line(env, build.id, "+ ignore-cancel")
     env.queue.cancel(env.alice, build.id)
     done = env.wait(build.id)
     assert done.status == BuildStatus.CANCELLED and done.image_id is None
@@ -257,7 +261,7 @@ def test_a_build_that_finishes_after_its_cancel_leaves_no_image(env: Env,
     go.unlink()
     env.repo.purge(env.alice, image_id)
     rebuild = env.queue.rebuild(env.alice, image_id)
-    env.wait(rebuild.id, BuildStatus.RUNNING)
+    wait_for_line(env, rebuild.id, "+ ignore-cancel")
     env.queue.cancel(env.alice, rebuild.id)
     assert env.wait(rebuild.id).status == BuildStatus.CANCELLED
     assert env.repo.catalog.get_image(image_id).status == ImageStatus.PURGED
@@ -268,7 +272,7 @@ def test_cancel_through_another_server_sharing_the_catalog(env: Env, db_url: str
     """A second server (no builder of its own) marks the build; the server running it
     sees that within a flush and stops it."""
     build = env.queue.submit(env.alice, template("elsewhere", "hold"))
-    env.wait(build.id, BuildStatus.RUNNING)
+    wait_for_line(env, build.id, "scratch ")
     other_repo = Repository.open(tmp_path / "data", db_url)
     try:
         other = BuildQueue(other_repo, None, BuildConfig())
