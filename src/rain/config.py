@@ -18,6 +18,7 @@ from rain.catalog.db import catalog_exists
 from rain.distribute.config import DistributeConfig, PrefetchConfig
 from rain.model.errors import InvalidRequest, NotFound
 from rain.repo.config import RepoConfig
+from rain.schedule.config import ScheduleConfig
 from rain.store.chunks import StoreConfig
 
 DEFAULT_PORT = 8480
@@ -42,6 +43,7 @@ class Config:
     build: BuildConfig = field(default_factory=BuildConfig)
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     @property
     def db_url(self) -> str:
@@ -60,10 +62,12 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
             setattr(obj, key, Path(value))
         elif isinstance(current, bool) and isinstance(value, str):
             setattr(obj, key, value.lower() in ("1", "true", "yes", "on"))
-        elif isinstance(current, int) and not isinstance(current, bool) and isinstance(value, str):
-            setattr(obj, key, int(value))
-        elif isinstance(current, float) and isinstance(value, str):
-            setattr(obj, key, float(value))
+        elif isinstance(current, int | float) and not isinstance(current, bool) \
+                and isinstance(value, str):
+            try:
+                setattr(obj, key, type(current)(value))
+            except ValueError:
+                raise InvalidRequest(f"{where}: {key} must be a number, not {value!r}") from None
         else:
             setattr(obj, key, value)
 

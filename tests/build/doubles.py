@@ -11,7 +11,14 @@ produces is a real image in a real store.
 It reads the template's `run:` commands as instructions to itself:
 `sleep SECONDS` (take that long, reporting progress), `fail MESSAGE` (fail
 with ToolFailed), `wait FILE` (block until FILE exists: lets a test hold a
-build running, even in a server process). Other commands are only logged.
+build running, even in a server process), `say N` (log N lines, as apt
+does), `hold` (make a scratch directory, log its path, and report progress
+until the build is cancelled — the
+progress call raises then, as a real builder's next step would — removing
+the directory on the way out), `ignore-cancel` (wait until the build is
+asked to stop — or FILE, if given, exists — then finish anyway without
+looking again: a runner that noticed too late). Other
+commands are only logged.
 
 A server process uses it with `RAIN_BUILD__RUNNER=tests.build.doubles:make_runner`.
 """
@@ -76,6 +83,15 @@ class RecordingRunner:
             self.gate.wait(30)
         progress.phase("install")
         for command in template.run:
+            if command.split()[0] == "ignore-cancel":
+                progress.log(f"+ {command}")
+                until = Path(command.split()[1]) if len(command.split()) > 1 else None
+                deadline = time.monotonic() + 60
+                while not progress.cancelled.wait(0.05) and time.monotonic() < deadline:
+                    if until is not None and until.exists():
+                        break
+                progress = _Deaf(progress)
+                continue
             self._obey(command, progress)
         progress.timing("install", time.monotonic() - started)
         progress.phase("upload")
@@ -122,6 +138,38 @@ class RecordingRunner:
             deadline = time.monotonic() + 60
             while not Path(arg).exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
+        elif verb == "say":
+            for i in range(int(arg)):
+                progress.log(f"Setting up package-{i} (1.0-{i}) ...")
+        elif verb == "hold":
+            with tempfile.TemporaryDirectory(prefix="rain-double-") as scratch:
+                (Path(scratch) / "partial.raw").write_bytes(b"half an image")
+                progress.log(f"scratch {scratch}")
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    progress.progress(0.5)  # raises BuildCancelled once cancelled
+                    progress.cancelled.wait(0.05)
+                raise ToolFailed("hold: never cancelled", tool="double")
+
+
+class _Deaf:
+    """A BuildProgress that no longer raises when cancelled (for `ignore-cancel`)."""
+
+    def __init__(self, inner: BuildProgress) -> None:
+        self.inner = inner
+        self.cancelled = threading.Event()
+
+    def phase(self, name: str) -> None:
+        pass
+
+    def progress(self, fraction: float) -> None:
+        pass
+
+    def log(self, line: str) -> None:
+        self.inner.log(line)
+
+    def timing(self, phase: str, seconds: float) -> None:
+        self.inner.timing(phase, seconds)
 
 
 def _write_disk(path: Path, digest: str) -> None:

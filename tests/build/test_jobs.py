@@ -6,6 +6,7 @@ builds nothing for real but pushes a small real image through the repository.
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import threading
@@ -19,6 +20,7 @@ import pytest
 from rain.build.config import BuildConfig
 from rain.build.jobs import BuildQueue
 from rain.catalog import utcnow
+from rain.catalog.search import ImageQuery
 from rain.model import (
     Build,
     BuildStatus,
@@ -197,20 +199,89 @@ def test_template_extending_a_template_travels_with_its_parent(env: Env) -> None
     assert other.template_digest != build.template_digest
 
 
-def test_cancel_queued_not_running(env: Env) -> None:
+def wait_for_line(env: Env, build_id: str, text: str) -> Build:
+    """The build once its log has `text` (the runner got that far)."""
+    deadline = time.monotonic() + 10
+    while text not in (build := env.repo.catalog.get_build(build_id, log_offset=0)).log:
+        assert time.monotonic() < deadline, build.log
+        time.sleep(0.02)
+    return build
+
+
+def scratch_of(build: Build) -> Path:
+    """The scratch directory the test double's `hold` logged."""
+    line = next(x for x in build.log.splitlines() if x.startswith("scratch "))
+    return Path(line.split(" ", 1)[1])
+
+
+def test_cancel_queued_and_running_builds(env: Env) -> None:
+    running = env.queue.submit(env.alice, template("held", "hold"))
+    held = wait_for_line(env, running.id, "scratch ")
     env.runner.gate = gate = threading.Event()
-    running = [env.queue.submit(env.alice, template(f"r{i}")) for i in range(2)]
+    other = env.queue.submit(env.alice, template("r1"))
     queued = env.queue.submit(env.alice, template("later"))
-    env.wait(running[0].id, BuildStatus.RUNNING)
-    env.wait(running[1].id, BuildStatus.RUNNING)
+    env.wait(other.id, BuildStatus.RUNNING)
     with pytest.raises(NotFound):
         env.queue.cancel(env.bob, queued.id)  # not visible to bob
     assert env.queue.cancel(env.alice, queued.id).status == BuildStatus.CANCELLED
-    with pytest.raises(Conflict, match="only queued builds"):
-        env.queue.cancel(env.admin, running[0].id)
+    # A running build: its worker stops at the next step; nothing of it is left.
+    assert scratch_of(held).is_dir()
+    assert env.queue.cancel(env.alice, running.id).status in (BuildStatus.CANCELLING,
+                                                               BuildStatus.CANCELLED)
+    done = env.wait(running.id)
+    assert done.status == BuildStatus.CANCELLED and done.error == "cancelled by alice"
+    assert done.image_id is None and not scratch_of(done).exists()
+    assert "cancel requested by alice" in done.log and done.log.rstrip().endswith(
+        "build cancelled")
+    found, _ = env.repo.search(env.alice, ImageQuery(name="held"))
+    assert found == []
     gate.set()
-    env.wait(running[0].id)
+    assert env.wait(other.id).status == BuildStatus.SUCCEEDED
+    with pytest.raises(Conflict, match="succeeded already; there is nothing to cancel"):
+        env.queue.cancel(env.admin, other.id)
     assert env.repo.catalog.get_build(queued.id).status == BuildStatus.CANCELLED
+
+
+def test_a_build_that_finishes_after_its_cancel_leaves_no_image(env: Env,
+                                                                tmp_path: Path) -> None:
+    """The runner notices too late and makes its image anyway: the image is taken back
+    (deleted; for a rebuild, purged again) and the build still ends cancelled."""
+    build = env.queue.submit(env.alice, template("late", "ignore-cancel"))
+    wait_for_line(env, build.id, "+ ignore-cancel")
+    env.queue.cancel(env.alice, build.id)
+    done = env.wait(build.id)
+    assert done.status == BuildStatus.CANCELLED and done.image_id is None
+    made = re.search(r"image (\S+) it had made was deleted", done.log)
+    assert made, done.log
+    assert env.repo.catalog.get_image(made[1]).status == ImageStatus.DELETED
+    # A rebuild: the purged image stays purged.
+    go = tmp_path / "go"
+    go.touch()
+    image_id = env.built(env.alice, template("again", f"ignore-cancel {go}"))
+    go.unlink()
+    env.repo.purge(env.alice, image_id)
+    rebuild = env.queue.rebuild(env.alice, image_id)
+    wait_for_line(env, rebuild.id, "+ ignore-cancel")
+    env.queue.cancel(env.alice, rebuild.id)
+    assert env.wait(rebuild.id).status == BuildStatus.CANCELLED
+    assert env.repo.catalog.get_image(image_id).status == ImageStatus.PURGED
+
+
+def test_cancel_through_another_server_sharing_the_catalog(env: Env, db_url: str,
+                                                          tmp_path: Path) -> None:
+    """A second server (no builder of its own) marks the build; the server running it
+    sees that within a flush and stops it."""
+    build = env.queue.submit(env.alice, template("elsewhere", "hold"))
+    wait_for_line(env, build.id, "scratch ")
+    other_repo = Repository.open(tmp_path / "data", db_url)
+    try:
+        other = BuildQueue(other_repo, None, BuildConfig())
+        assert other.cancel(env.alice, build.id).status == BuildStatus.CANCELLING
+        done = env.wait(build.id)
+        assert done.status == BuildStatus.CANCELLED
+        assert "cancel requested by a user (through another server)" in done.log
+    finally:
+        other_repo.close()
 
 
 def test_builds_of_others_are_404_unless_they_made_a_visible_image(env: Env) -> None:

@@ -139,6 +139,30 @@ def test_dead_builds_are_failed_once(catalog: Catalog) -> None:
     assert catalog.fail_dead_builds(dead, "gone") == []
 
 
+def test_cancel_requests_are_compare_and_set(catalog: Catalog) -> None:
+    alice = catalog.create_user("alice")
+    running = catalog.create_build(alice, template_digest="a" * 64, template="a")
+    dying = catalog.create_build(alice, template_digest="b" * 64, template="b")
+    queued = catalog.create_build(alice, template_digest="c" * 64, template="c")
+    assert catalog.claim_build("h:1").id == running.id  # type: ignore[union-attr]
+    assert catalog.claim_build("gone:2").id == dying.id  # type: ignore[union-attr]
+    assert catalog.request_cancel(queued.id, "cancelled by alice") == BuildStatus.CANCELLED
+    assert catalog.request_cancel(running.id, "cancelled by alice") == BuildStatus.CANCELLING
+    assert catalog.request_cancel(running.id, "again") == BuildStatus.CANCELLING
+    assert catalog.request_cancel(queued.id, "again") is None  # over already
+    assert catalog.cancelling_builds([running.id, queued.id, dying.id]) == {running.id}
+    assert catalog.get_build(running.id).error == "cancelled by alice"
+    # Neither a success nor a failure wins over the cancel; the worker ends it.
+    assert not catalog.finish_build(running.id, BuildStatus.SUCCEEDED)
+    assert catalog.find_active_build(owner_id=alice.id, template_digest="a" * 64) is None
+    assert catalog.finish_build(running.id, BuildStatus.CANCELLED,
+                                expect=[BuildStatus.CANCELLING])
+    # A build being cancelled whose server died ends cancelled, not failed.
+    catalog.request_cancel(dying.id, "cancelled by alice")
+    assert catalog.fail_dead_builds(lambda *_: True, "gone") == [dying.id]
+    assert catalog.get_build(dying.id).status == BuildStatus.CANCELLED
+
+
 def test_purged_images_stay_listed_but_hold_no_manifest(catalog: Catalog) -> None:
     alice = catalog.create_user("alice")
     bob = catalog.create_user("bob")

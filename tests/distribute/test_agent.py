@@ -90,7 +90,8 @@ def test_http_deployment_makes_overlays_over_verified_copies(
         server: Server, agents: list[AgentProc], tmp_path: Path) -> None:
     with Client(server.url, server.token) as c:
         image, path = push(c, tmp_path, "web")
-        dep = c.deploy(image["id"], nodes=["a1", "a2"], count=6, method="http")
+        dep = c.deploy(image["id"], nodes=["a1", "a2"], count=6, method="http",
+                       policy="pack")
         assert dep["status"] == "running" and dep["method"] == "http"
         final = c.follow_deployment(dep["id"], timeout=60)
     assert final["status"] == "ready", final
@@ -100,8 +101,8 @@ def test_http_deployment_makes_overlays_over_verified_copies(
         assert key in r
     assert r["method"] == "http" and r["instances_ready"] == 6
     assert 0 < r["first_ready_s"] <= r["makespan_s"]
-    # The cache weigher packs instances where the image is (or is on its way): a1 fills
-    # up (capacity 4), the rest go to a2.
+    # Packed where the image is (or is on its way): a1 fills up (capacity 4), the rest
+    # go to a2.
     assert {n: p["count"] for n, p in r["per_node"].items()} == {"a1": 4, "a2": 2}
     data = manifest_of_file(path)
     data_bytes = sum(data.chunk_length(i) for i, d in enumerate(data.chunks) if any(d))
@@ -295,6 +296,39 @@ def test_cli_deploy_json_and_nodes(server: Server, agents: list[AgentProc],
     assert bad.returncode == 1 and bad.stderr.strip() == "rain: error: no such node: ghost"
     listed = run_cli("instance", "ls", "--json", env=server.env()).stdout
     assert any(i["image_id"] == image["id"] for i in json.loads(listed))
+
+
+def test_deploy_spreads_by_default_and_packs_when_asked(server: Server,
+                                                        agents: list[AgentProc],
+                                                        tmp_path: Path) -> None:
+    """`deploy --nodes a2,a3 --count 2`: one instance on each node by default (the report
+    says spread placed them), both on one with --pack; --spread --pack is refused."""
+    with Client(server.url, server.token) as c:
+        free_slots(c)
+        spread_image, _ = push(c, tmp_path, "spread")
+        pack_image, _ = push(c, tmp_path, "pack")
+    out = run_cli("deploy", spread_image["id"], "--nodes", "a2,a3", "--count", "2",
+                  "--method", "http", env=server.env())
+    assert "placed by spread (the server's default)" in out.stdout
+    dep = json.loads(run_cli("deployments", "--json", env=server.env()).stdout)
+    report = next(d for d in dep["deployments"] if d["image_id"] == spread_image["id"])["report"]
+    assert {n: p["count"] for n, p in report["per_node"].items()} == {"a2": 1, "a3": 1}
+    assert report["placement"]["policy"] == "spread" and report["placement"]["asked"] is None
+    out = run_cli("deploy", pack_image["id"], "--nodes", "a2,a3", "--count", "2",
+                  "--method", "http", "--pack", "--json", env=server.env())
+    report = json.loads(out.stdout)
+    assert report["status"] == "ready"
+    assert [p["count"] for p in report["per_node"].values()] == [2]
+    assert report["placement"]["policy"] == report["placement"]["asked"] == "pack"
+    assert report["placement"]["multipliers"]["siblings"] < 0
+    bad = run_cli("deploy", pack_image["id"], "--nodes", "a2", "--spread", "--pack",
+                  env=server.env(), check=False)
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == "rain: error: give --spread or --pack, not both"
+    with Client(server.url, server.token) as c:
+        with pytest.raises(InvalidRequest, match="unknown placement policy 'stack'"):
+            c.deploy(pack_image["id"], nodes=["a2"], policy="stack")
+        free_slots(c)
 
 
 def test_tree_deployment_relays_between_agents(server: Server, agents: list[AgentProc],

@@ -345,6 +345,71 @@ def test_cancel(images: Images, tmp_path: Path) -> None:
     ctx.partial.close()
 
 
+# -- real agents: a holder outside the deployment ------------------------------------------
+@pytest.mark.integration
+def test_a_holder_outside_the_deployment_serves_it_and_nothing_else(
+        images: Images, server: Server, tmp_path: Path) -> None:
+    """`hold` caches the derived image and is not in the deployment: the repository asks
+    it to serve the deployment first, so the new chunks come from it (not one 403, not
+    one byte from the repository). A peer token covers only its deployment's image."""
+    import secrets
+
+    import httpx
+
+    from rain.client import Client
+    from tests.distribute.conftest import start_agent, stop_agent
+
+    agents = []
+    try:
+        hold = start_agent(server, "hold", tmp_path)
+        agents.append(hold)
+        agents.append(start_agent(server, "need", tmp_path))
+        with Client(server.url, server.token) as c:
+            for image, node in ((images.derived.id, "hold"), (images.base.id, "hold"),
+                                (images.base.id, "need")):
+                done = c.follow_deployment(c.prefetch(image, nodes=[node], method="http")["id"],
+                                           timeout=60)
+                assert done["status"] == "ready", done
+            dep = c.follow_deployment(c.deploy(images.derived.id, nodes=["need"], count=1,
+                                               method="chunks")["id"], timeout=120)
+        assert dep["status"] == "ready", dep
+        need = dep["report"]["per_node"]["need"]
+        assert need["dropped"] == [] and need["repo_bytes"] == 0
+        assert need["peer_bytes"] == images.unique_new_bytes()
+
+        # What a token lets its bearer read from `hold`: the granted image, nothing else.
+        token = secrets.token_urlsafe(16)
+        control = {"Authorization": f"Bearer {hold.key}"}
+        peer = {"Authorization": f"Bearer {token}"}
+        granted = httpx.post(f"{hold.url}/v1/grants", headers=control,
+                             json={"peer_token": token, "image_id": images.base.id})
+        assert granted.status_code == 200, granted.text
+        new = next(iter(images.new_digests())).hex()  # in the derived image only
+        shared = next(d for d in images.base.manifest.chunks if d != ZERO_DIGEST).hex()
+
+        def chunk(digest: str) -> int:
+            return httpx.get(f"{hold.url}/v1/peer/chunks/{digest}", headers=peer).status_code
+
+        def stripe(image_id: str) -> int:
+            with httpx.stream("GET", f"{hold.url}/v1/peer/images/{image_id}/chunks",
+                              headers=peer) as r:
+                return r.status_code
+
+        assert (chunk(shared), chunk(new)) == (200, 404)
+        assert (stripe(images.base.id), stripe(images.derived.id)) == (200, 403)
+        # Only the agent key grants, and only images the node caches.
+        assert httpx.post(f"{hold.url}/v1/grants", headers=peer, json={
+            "peer_token": token, "image_id": images.derived.id}).status_code == 403
+        assert httpx.post(f"{hold.url}/v1/grants", headers=control, json={
+            "peer_token": token, "image_id": "0" * 32}).status_code == 404
+        assert httpx.request("DELETE", f"{hold.url}/v1/grants", headers=control,
+                             json={"peer_token": token}).json() == {"revoked": True}
+        assert chunk(shared) == 403
+    finally:
+        for a in agents:
+            stop_agent(a)
+
+
 # -- the index -----------------------------------------------------------------------------
 def test_index_follows_the_cache_and_transfers_in_flight(images: Images,
                                                          tmp_path: Path) -> None:
@@ -428,9 +493,18 @@ def test_index_across_a_transfer_becoming_a_cached_image(images: Images,
 
 
 # -- the coordinator ------------------------------------------------------------------------
-def test_coordinator_lists_holders_and_partners() -> None:
+def test_coordinator_lists_holders_and_partners(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[list[str]] = []
+
+    def authorise_double(job: DeploymentJob, names: Sequence[str]) -> list[tuple[str, str]]:
+        """Test double of the grant round trip: h3 does not answer."""
+        asked.append(list(names))
+        return [(n, f"http://{n}:8481/") for n in names if n != "h3"]
+
+    monkeypatch.setattr(chunks, "authorise_holders", authorise_double)
     states = [NodeState("h1", "http://10.0.0.9:8481", up=True, cached=frozenset({"img"})),
               NodeState("h2", "http://10.0.0.8:8481", up=True, cached=frozenset({"img"})),
+              NodeState("h3", "http://10.0.0.5:8481", up=True, cached=frozenset({"img"})),
               NodeState("down", "http://10.0.0.7:8481", up=False, cached=frozenset({"img"})),
               NodeState("other", "http://10.0.0.6:8481", up=True, cached=frozenset({"x"})),
               NodeState("n1", "http://10.0.0.1:8481", up=True, cached=frozenset())]
@@ -445,7 +519,10 @@ def test_coordinator_lists_holders_and_partners() -> None:
     assert set(plans) == {"n1", "n2"}
     assert plans["n1"]["partners"] == [{"name": "n1", "url": "http://10.0.0.1:8481"},
                                        {"name": "n2", "url": "http://10.0.0.2:8481"}]
-    assert [h["name"] for h in plans["n1"]["holders"]] == ["h1", "h2"]
+    assert asked == [["h1", "h2", "h3"]]  # up, caching, outside the deployment
+    # Only the holders that agreed to serve the deployment are offered.
+    assert plans["n1"]["holders"] == [{"name": "h1", "url": "http://h1:8481"},
+                                      {"name": "h2", "url": "http://h2:8481"}]
     assert [h["name"] for h in plans["n2"]["holders"]] == ["h2", "h1"]  # load spread
     assert job.state["serve_nodes"] == ["h1", "h2"]
     assert chunks.COORDINATOR.repo_bytes(job) == 0

@@ -11,8 +11,12 @@ from rain.schedule import (
     FreeCapacityWeigher,
     FreshHeartbeatFilter,
     NodeUpFilter,
+    Policy,
+    ScheduleConfig,
     default_weighers,
     place,
+    policy_name,
+    weighers_for,
 )
 from tests.schedule.conftest import NOW, node
 
@@ -27,14 +31,70 @@ def test_prefers_cached_then_in_flight_then_none() -> None:
     assert place("img", 1, nodes[:2]) == [Placement("b", 1)]
 
 
-def test_in_flight_is_counted_so_a_new_image_clusters() -> None:
-    nodes = [node(f"n{i}", capacity=8) for i in range(4)]
-    # The first pick puts the image in flight to n0; the next seven follow it.
-    assert place("img", 8, nodes) == [Placement("n0", 8)]
-    # Without in-flight credit (the paper's weigher) the same request spreads
-    # over every node, and each of them downloads the image.
+PACK = weighers_for(policy=Policy.PACK)
+SPREAD = weighers_for(policy=Policy.SPREAD)
+
+
+def test_two_nodes_two_instances_spread_one_each_pack_both_on_one() -> None:
+    """The README's case: `deploy --nodes n01,n02 --count 2` on two empty nodes."""
+    nodes = [node("n01"), node("n02")]
+    assert place("img", 2, nodes) == [Placement("n01", 1), Placement("n02", 1)]
+    assert place("img", 2, nodes, SPREAD) == [Placement("n01", 1), Placement("n02", 1)]
+    assert place("img", 2, nodes, PACK) == [Placement("n01", 2)]
+    # More instances than nodes: spread goes round, pack fills one node first.
+    assert as_dict(place("img", 5, nodes)) == {"n01": 3, "n02": 2}
+    assert as_dict(place("img", 5, [node("n01", capacity=4), node("n02")], PACK)) == \
+        {"n01": 4, "n02": 1}
+
+
+def test_cache_awareness_holds_under_both_policies() -> None:
+    cached = [node("n01"), node("n02", cached=("img",)), node("n03", cached=("img",))]
+    # One instance goes to a node with the image, even a busier one, whatever the policy.
+    busy = [node("n01"), node("n02", running=6, cached=("img",))]
+    for weighers in (SPREAD, PACK):
+        assert place("img", 1, cached, weighers) == [Placement("n02", 1)]
+        assert place("img", 1, busy, weighers) == [Placement("n02", 1)]
+    # Spread uses the cached nodes before a node that must download; pack stays on one.
+    assert as_dict(place("img", 2, cached, SPREAD)) == {"n02": 1, "n03": 1}
+    assert as_dict(place("img", 2, cached, PACK)) == {"n02": 2}
+    # Once each cached node has one, spread sends the image to a new node.
+    assert as_dict(place("img", 3, [*cached[1:], node("n04")], SPREAD)) == \
+        {"n02": 1, "n03": 1, "n04": 1}
+
+
+def test_pack_stacks_on_the_fullest_node_spread_on_the_emptiest() -> None:
+    nodes = [node("a", running=1), node("b", running=5), node("c", running=3)]
+    assert place("img", 1, nodes, PACK) == [Placement("b", 1)]
+    assert place("img", 1, nodes, SPREAD) == [Placement("a", 1)]
+
+
+def test_in_flight_attracts_the_next_deployment() -> None:
+    # Another deployment is sending the image to n1 (the gap seed 002 names): a new
+    # one-instance request goes there too, though n1 is the busier node.
+    nodes = [node("n0"), node("n1", running=2, in_flight=("img",))]
+    for weighers in (SPREAD, PACK):
+        assert place("img", 1, nodes, weighers) == [Placement("n1", 1)]
+    # Without in-flight credit (the paper's weigher) free slots decide.
     paper = [CacheWeigher(3.0, in_flight_credit=0.0), FreeCapacityWeigher(1.0)]
-    assert as_dict(place("img", 8, nodes, paper)) == {f"n{i}": 2 for i in range(4)}
+    assert place("img", 1, nodes, paper) == [Placement("n0", 1)]
+    # Within one pack request the image's first node keeps the rest.
+    four = [node(f"n{i}", capacity=8) for i in range(4)]
+    assert place("img", 8, four, PACK) == [Placement("n0", 8)]
+    assert as_dict(place("img", 8, four, SPREAD)) == {f"n{i}": 2 for i in range(4)}
+
+
+def test_multipliers_decide_and_a_weak_siblings_weigher_gathers() -> None:
+    """The multipliers, not the policy's name, place: a siblings multiplier below the
+    cache weigher's lets the in-flight credit gather a new image's instances."""
+    weak = ScheduleConfig(siblings_weight_multiplier=1.0)
+    assert policy_name(weak) == "spread"
+    assert place("img", 2, [node("n01"), node("n02")], weighers_for(weak)) == \
+        [Placement("n01", 2)]
+    # Cache off, spread by free slots only: the emptier node first.
+    flat = ScheduleConfig(cache_weight_multiplier=0.0, siblings_weight_multiplier=0.0)
+    nodes = [node("a", running=4, cached=("img",)), node("b")]
+    assert place("img", 1, nodes, weighers_for(flat)) == [Placement("b", 1)]
+    assert place("img", 1, nodes) == [Placement("a", 1)]
 
 
 def test_capacity_is_respected_and_spills_over() -> None:
@@ -90,12 +150,17 @@ def test_192_instances_over_24_nodes_fill_every_slot() -> None:
 
 
 def test_192_instances_prefer_cached_nodes_and_download_to_few_others() -> None:
+    """Keep a deployment together but start on the emptiest nodes (a custom mix: siblings
+    pack, free slots spread): cached nodes fill first, then as few new ones as can hold
+    the rest."""
     cached = {"n03", "n07", "n11", "n15", "n19", "n23"}
     nodes = [
         node(name, capacity=10, running=i % 3, cached=("img",) if name in cached else ())
         for i, name in enumerate(f"n{i:02}" for i in range(24))
     ]
-    got = as_dict(place("img", 192, nodes))
+    together = ScheduleConfig(siblings_weight_multiplier=-4.0)
+    assert policy_name(together) == "custom"
+    got = as_dict(place("img", 192, nodes, weighers_for(together)))
     assert sum(got.values()) == 192
     for n in nodes:
         assert got.get(n.name, 0) <= n.free_instances

@@ -11,12 +11,15 @@ from rain.distribute.config import DistributeConfig
 from rain.distribute.coordinator import Coordinator
 from rain.distribute.methods.base import RepoSide
 from rain.repo import Repository
+from rain.schedule import ScheduleConfig
+from rain.schedule.policy import check_config
 
 
 def create_app(repository: Repository, build_queue: BuildQueue | None = None,
-               coordinator: Coordinator | None = None) -> FastAPI:
+               coordinator: Coordinator | None = None,
+               schedule: ScheduleConfig | None = None) -> FastAPI:
     """The app; without a build queue, one that cannot build (501) is made; without a
-    coordinator, one for a server on loopback."""
+    coordinator, one for a server on loopback; placement by `schedule` (or the defaults)."""
     app = FastAPI(
         title="rain",
         version=__version__,
@@ -24,6 +27,8 @@ def create_app(repository: Repository, build_queue: BuildQueue | None = None,
                     "match, purge and rebuild; node agents, deployments and instances.",
     )
     app.state.repo = repository
+    app.state.schedule = schedule or ScheduleConfig()
+    check_config(app.state.schedule)
     if build_queue is None:
         build_queue = BuildQueue(repository, None)
         repository.rebuilder = build_queue

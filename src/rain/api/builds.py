@@ -105,15 +105,22 @@ def list_builds(queue: Builds, user: Viewer,
 def show_build(build_id: str, queue: Builds, user: Viewer,
                log_offset: int = 0) -> dict[str, Any]:
     """Status, phase, progress, timings, image id, error, and the log from `log_offset`
-    (characters) on; a follower passes the last `log_size` to get only what is new."""
+    (characters) on; a follower passes the last `log_size` to get only what is new.
+    `phase_timeout_s`: how long the current phase may take at most, when it has a
+    limit (the boot test), so a client can show the time left."""
     if log_offset < 0:
         raise InvalidRequest("log_offset must be >= 0")
-    return queue.get(user, build_id, log_offset=log_offset).to_dict()
+    build = queue.get(user, build_id, log_offset=log_offset)
+    limit = queue.config.boot_timeout if build.phase == "boot-test" and \
+        not build.status.finished else None
+    return {**build.to_dict(), "phase_timeout_s": limit}
 
 
 @router.post("/builds/{build_id}/cancel", tags=["builds"])
 def cancel_build(build_id: str, queue: Builds, user: Viewer) -> dict[str, Any]:
-    """Cancel a queued build (owner or admin); a running build is a 409."""
+    """Cancel a build (owner or admin): a queued one is `cancelled` at once, a running
+    one `cancelling` until its worker has stopped it (then `cancelled`, no image left,
+    its temporary files removed); a build that is over is a 409."""
     return queue.cancel(user, build_id).to_dict()
 
 

@@ -25,7 +25,17 @@ from rain.model import (
 )
 from rain.repo import Repository
 from rain.repo.access import require_user
-from rain.schedule import CacheSpaceFilter, HostFilter, NodeUpFilter, PlacementRequest, place
+from rain.schedule import (
+    CacheSpaceFilter,
+    HostFilter,
+    NodeUpFilter,
+    PlacementRequest,
+    ScheduleConfig,
+    describe,
+    parse_policy,
+    place,
+    weighers_for,
+)
 
 router = APIRouter(prefix="/v1", tags=["deployments"])
 Repo = Annotated[Repository, Depends(repo)]
@@ -41,7 +51,13 @@ def coordinator(request: Request) -> Coordinator:
     return c
 
 
+def schedule(request: Request) -> ScheduleConfig:
+    config: ScheduleConfig = request.app.state.schedule
+    return config
+
+
 Coord = Annotated[Coordinator, Depends(coordinator)]
+Schedule = Annotated[ScheduleConfig, Depends(schedule)]
 
 
 class NamedNodes(HostFilter):
@@ -55,13 +71,16 @@ class NamedNodes(HostFilter):
 
 
 @router.post("/deployments", status_code=202)
-def create_deployment(r: Repo, user: Viewer, c: Coord,
+def create_deployment(r: Repo, user: Viewer, c: Coord, config: Schedule,
                       body: Annotated[dict[str, Any], Body()]) -> JSONResponse:
     """Start instances of an image on nodes, or (`prefetch`) only copy it there.
 
     Body: `{"image": REF, "nodes": [NAME, ...] | "all": true, "count": N,
-    "method": auto|http|tree|multicast|bittorrent|chunks, "options": {...},
-    "prefetch": false}`. Options: size, ephemeral_size (bytes or "4G"), copy,
+    "method": auto|http|tree|multicast|bittorrent|chunks, "policy": spread|pack,
+    "options": {...}, "prefetch": false}`. `policy` (default: the server's
+    `[schedule]` multipliers, spread unless changed) decides whether the
+    instances go to different nodes or fill few; the report's `placement` says
+    which placed them. Options: size, ephemeral_size (bytes or "4G"), copy,
     fanout, stripes (tree), encrypt (bittorrent), rate (multicast cap, B/s),
     max_rate (per-node throttle, B/s), stall_seconds, web_seed. The answer is
     the deployment (202); follow it with GET /v1/deployments/{id}.
@@ -73,21 +92,26 @@ def create_deployment(r: Repo, user: Viewer, c: Coord,
     count = _count(body.get("count", 0 if prefetch else 1), prefetch)
     method = _method(body.get("method") or c.side.config.default_method)
     options = _options(body.get("options") or {})
+    policy = parse_policy(body.get("policy"))
     states = _current(r.node_states(), c.in_flight(), r.catalog.live_instance_counts())
     targets = _targets(states, body.get("nodes"), bool(body.get("all", False)))
     if prefetch:
         down = [s.name for s in states if s.name in targets and not s.up]
         if down:
             raise InvalidRequest(f"nodes down: {', '.join(down)}")
+        if policy is not None:
+            raise InvalidRequest("a prefetch places no instances: leave policy out")
         placements = []
         names = sorted(targets)
+        placement = None
     else:
-        placements = place(image.id, count, states,
+        placements = place(image.id, count, states, weighers_for(config, policy),
                            filters=[NodeUpFilter(), NamedNodes(targets), CacheSpaceFilter()],
                            image_size=image.size or 0)
         names = [p.node for p in placements]
+        placement = describe(config, policy)
     dep = c.deploy(me, image, placements=placements, targets=names, method=method,
-                   options=options, prefetch=prefetch, started=started)
+                   options=options, prefetch=prefetch, started=started, placement=placement)
     return JSONResponse(dep.to_dict(), status_code=202)
 
 

@@ -95,7 +95,7 @@ def run(cfg: Config, host: str, port: int, server: str = "native") -> None:
     repo = open_repository(cfg)
     builds = start_builds(repo, cfg)
     coordinator, prefetcher = start_distribution(repo, cfg, host, port)
-    app = create_app(repo, builds, coordinator)
+    app = create_app(repo, builds, coordinator, cfg.schedule)
     try:
         if server == "uvicorn":
             import uvicorn

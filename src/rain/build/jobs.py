@@ -17,6 +17,14 @@ claim the oldest queued job (compare-and-set), run it through the
 marked failed — by the next server to start on that host at once, by any
 server once its heartbeat is `stale_after_seconds` old.
 
+Cancelling a queued build ends it at once; a running one is marked
+`cancelling` in the catalog. Its worker learns it (at once on this server,
+within a flush on another), its progress object raises `BuildCancelled`
+at the builder's next step, the builder's temporary files go with the
+exception, and the build ends `cancelled`. An image the run made anyway (it
+finished before it noticed) is deleted again — or, for a rebuild, purged
+again — so a cancelled build leaves no image behind.
+
 The runner, which really builds, is found through `[build] runner`
 (default `rain.build.builder:make_runner`); without it the server still
 serves build records, purges and pedigrees, and answers 501 to new builds.
@@ -52,6 +60,7 @@ from rain.model import (
     Unsupported,
     User,
 )
+from rain.model.errors import BuildCancelled
 from rain.repo import Repository
 from rain.repo.access import require_user
 
@@ -65,7 +74,13 @@ SWEEP_SECONDS = 30.0
 
 
 class BuildProgress(Protocol):
-    """What a running build reports. Any thread may call these, as often as it likes."""
+    """What a running build reports. Any thread may call these, as often as it likes.
+
+    `cancelled` is set once the build is asked to stop; `phase` and `progress`
+    then raise BuildCancelled. Pass `cancelled` to a long step that can be
+    killed (`Sandbox.run(..., cancel=progress.cancelled)`)."""
+
+    cancelled: threading.Event
 
     def phase(self, name: str) -> None:
         """Entering a phase ("base", "install", "disk", "compress", "boot-test", "upload");
@@ -230,18 +245,27 @@ class BuildQueue:
                                         statuses=statuses, limit=limit, offset=offset)
 
     def cancel(self, viewer: User | None, build_id: str) -> Build:
-        """Cancel a queued build (its owner or an admin). Running builds run to the end."""
+        """Cancel a build (its owner or an admin): a queued one ends `cancelled` now, a
+        running one is `cancelling` until its worker has stopped it."""
         build = self.get(viewer, build_id, log_offset=None)
         build_id = build.id  # the whole id, when a prefix was given
         me = require_user(viewer)
         if not (me.is_admin or me.name == build.owner):
             raise Forbidden(f"only the owner or an admin may cancel build {build_id}")
-        if not self.catalog.finish_build(build_id, BuildStatus.CANCELLED,
-                                         expect=[BuildStatus.QUEUED],
-                                         error=f"cancelled by {me.name}"):
+        status = self.catalog.request_cancel(build_id, f"cancelled by {me.name}")
+        if status is None:
             now = self.catalog.get_build(build_id).status
-            raise Conflict(f"build {build_id} is {now}; only queued builds can be cancelled")
+            raise Conflict(f"build {build_id} is {now} already; there is nothing to cancel")
+        progress = self._running.get(build_id)
+        if progress is not None:
+            self._stop(progress, me.name)
         return self.catalog.get_build(build_id)
+
+    @staticmethod
+    def _stop(progress: CatalogProgress, who: str) -> None:
+        if not progress.cancelled.is_set():
+            progress.log(f"cancel requested by {who}: stopping at the next step")
+            progress.cancelled.set()
 
     def _may_see(self, viewer: User | None, build: Build) -> bool:
         if viewer is not None and (viewer.is_admin or viewer.name == build.owner):
@@ -279,6 +303,8 @@ class BuildQueue:
                 progress.flush()
             self.catalog.finish_build(build_id, BuildStatus.FAILED,
                                       error="the server stopped while this build ran")
+            self.catalog.finish_build(build_id, BuildStatus.CANCELLED,
+                                      expect=[BuildStatus.CANCELLING])
         for thread in self._threads:
             thread.join(timeout if thread.name == "rain-build-flush" else 0.1)
 
@@ -333,6 +359,13 @@ class BuildQueue:
                     progress.flush(heartbeat_every=HEARTBEAT_SECONDS)
                 except Exception:
                     log.exception("cannot record the progress of build %s", progress.build_id)
+            try:  # cancel requests made through another server sharing the catalog
+                for build_id in self.catalog.cancelling_builds(list(self._running)):
+                    stopping = self._running.get(build_id)
+                    if stopping is not None:
+                        self._stop(stopping, "a user (through another server)")
+            except Exception:
+                log.exception("cannot read cancel requests")
             swept += FLUSH_SECONDS
             if swept >= SWEEP_SECONDS:
                 swept = 0.0
@@ -347,6 +380,10 @@ class BuildQueue:
         try:
             image_id = self._run(build, progress)
         except BaseException as exc:
+            if isinstance(exc, BuildCancelled) or (
+                    isinstance(exc, Exception) and progress.cancelled.is_set()):
+                self._cancelled(build, progress, None)
+                return
             message = exc.message if isinstance(exc, RainError) else (
                 f"{type(exc).__name__}: {exc}")
             if not isinstance(exc, RainError):
@@ -356,10 +393,38 @@ class BuildQueue:
             if not isinstance(exc, Exception):
                 raise
         else:
-            self._finish(build, progress, BuildStatus.SUCCEEDED, image_id=image_id,
-                         progress=1.0)
+            # Asked to stop while it finished: a success the CAS refuses (cancelling).
+            stopped = progress.cancelled.is_set() or not self._finish(
+                build, progress, BuildStatus.SUCCEEDED, image_id=image_id, progress=1.0)
+            if stopped and (progress.cancelled.is_set() or self.catalog.get_build(
+                    build.id).status is BuildStatus.CANCELLING):
+                self._cancelled(build, progress, image_id)
         finally:
             self._running.pop(build.id, None)
+
+    def _cancelled(self, build: Build, progress: CatalogProgress, image_id: str | None) -> None:
+        """End a build that was asked to stop; an image it made anyway is taken back."""
+        if image_id is not None:
+            try:
+                self._discard(build, image_id)
+                progress.log(f"build cancelled: image {image_id} it had made was "
+                             + ("purged again" if build.rebuild_of else "deleted"))
+            except Exception:
+                log.exception("build %s: cannot take back image %s", build.id, image_id)
+        else:
+            progress.log("build cancelled")
+        self._finish(build, progress, BuildStatus.CANCELLED,
+                     expect=[BuildStatus.RUNNING, BuildStatus.CANCELLING])
+
+    def _discard(self, build: Build, image_id: str) -> None:
+        if build.rebuild_of:
+            self.catalog.transition(image_id, [ImageStatus.ACTIVE], ImageStatus.PURGED,
+                                    manifest_id=None, stored_bytes=0)
+        else:
+            self.catalog.transition(image_id, [s for s in ImageStatus
+                                               if s != ImageStatus.DELETED],
+                                    ImageStatus.DELETED)
+            self.catalog.drop_variants(image_id)
 
     def _run(self, build: Build, progress: CatalogProgress) -> str:
         runner = self._require_runner()
@@ -376,13 +441,16 @@ class BuildQueue:
         return image_id
 
     def _finish(self, build: Build, reporter: CatalogProgress, status: BuildStatus,
-                **fields: Any) -> None:
+                expect: Sequence[BuildStatus] = (BuildStatus.RUNNING,),
+                **fields: Any) -> bool:
         with contextlib.suppress(Exception):
             reporter.flush()
-        if not self.catalog.finish_build(build.id, status, timings=dict(reporter.timings),
-                                         **fields):
+        if not self.catalog.finish_build(build.id, status, expect=expect,
+                                         timings=dict(reporter.timings), **fields):
             log.info("build %s had already been ended (%s)", build.id,
                      self.catalog.get_build(build.id).status)
+            return False
+        return True
 
 
 def _package_change(before: Image, after: Image) -> str:

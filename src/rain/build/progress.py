@@ -4,6 +4,14 @@ A builder may report from any thread and as often as it likes (every line
 of apt's output, a progress fraction per block): calls only append to a
 buffer under a lock; the queue's flusher thread writes what changed about
 twice a second — one UPDATE per build, the new log text appended in SQL.
+
+It also carries the build's cancellation: `cancelled` is set when the build
+is asked to stop (by this server at once, by another sharing the catalog
+within a flush), and from then on `phase` and `progress` — which a builder
+calls between its steps — raise `BuildCancelled`. `log` never raises: tools'
+output is read by threads that must drain their pipes. A long step that
+cannot wait for its next report is handed `cancelled` itself (e.g. as the
+sandbox's `cancel` event, which kills the process tree).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import threading
 import time
 
 from rain.catalog import Catalog, utcnow
+from rain.model.errors import BuildCancelled
 
 PHASE_CHARS = 32
 
@@ -35,14 +44,22 @@ class CatalogProgress:
         self._progress: float | None = None
         self._timings_changed = False
         self._last_write = time.monotonic()
+        self.cancelled = threading.Event()
 
     # -- BuildProgress ---------------------------------------------------------
+    def check(self) -> None:
+        """Raise BuildCancelled if the build was asked to stop."""
+        if self.cancelled.is_set():
+            raise BuildCancelled(f"build {self.build_id} was cancelled")
+
     def phase(self, name: str) -> None:
+        self.check()
         with self._lock:
             self._phase = str(name)[:PHASE_CHARS]
             self._progress = 0.0
 
     def progress(self, fraction: float) -> None:
+        self.check()
         with self._lock:
             self._progress = min(max(float(fraction), 0.0), 1.0)
 

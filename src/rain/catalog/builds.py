@@ -3,7 +3,9 @@
 Every state change is a compare-and-set on `status`, so several server
 processes can share one queue: a worker *claims* the oldest queued build
 (queued → running, naming itself in `worker`), cancelling is queued →
-cancelled, finishing is running → succeeded/failed. The log is appended in
+cancelled or running → cancelling (its worker, wherever it runs, sees that,
+stops, and sets cancelling → cancelled), finishing is running →
+succeeded/failed. The log is appended in
 SQL (`log || text`) and read back in slices, never loaded whole by lists.
 """
 
@@ -140,16 +142,45 @@ class BuildCatalog:
         """running (or `expect`) → a final status; False if the build was not in `expect`."""
         return self._cas(build_id, expect, status, finished=utcnow(), **fields)
 
+    def request_cancel(self, build_id: str, error: str) -> BuildStatus | None:
+        """queued → cancelled, or running → cancelling (with `error` saying who asked);
+        the status it has now, or None if it was already over."""
+        if self.finish_build(build_id, BuildStatus.CANCELLED, expect=[BuildStatus.QUEUED],
+                             error=error):
+            return BuildStatus.CANCELLED
+        if self._cas(build_id, [BuildStatus.RUNNING], BuildStatus.CANCELLING, error=error):
+            return BuildStatus.CANCELLING
+        status = self.get_build(build_id).status
+        return status if status is BuildStatus.CANCELLING else None
+
+    def cancelling_builds(self, build_ids: Iterable[str]) -> set[str]:
+        """Which of these builds were asked to stop (by this server or another)."""
+        ids = list(build_ids)
+        if not ids:
+            return set()
+        with self.db.session() as s:
+            return set(s.scalars(select(BuildRow.id).where(
+                BuildRow.id.in_(ids), BuildRow.status == str(BuildStatus.CANCELLING))))
+
     def fail_dead_builds(self, is_dead: Callable[[str, str | None, datetime | None], bool],
                          message: str) -> list[str]:
-        """Mark running builds whose worker is gone as failed; returns their ids."""
+        """Mark running builds whose worker is gone as failed (those being cancelled as
+        cancelled); returns their ids."""
         with self.db.session() as s:
-            running = s.execute(select(BuildRow.id, BuildRow.worker, BuildRow.heartbeat)
-                                .where(BuildRow.status == str(BuildStatus.RUNNING))).all()
+            running = s.execute(select(BuildRow.id, BuildRow.worker, BuildRow.heartbeat,
+                                       BuildRow.status)
+                                .where(BuildRow.status.in_([str(BuildStatus.RUNNING),
+                                                            str(BuildStatus.CANCELLING)]))).all()
         failed = []
-        for build_id, worker, heartbeat in running:
-            if is_dead(build_id, worker, as_utc(heartbeat)) and self.finish_build(
-                    build_id, BuildStatus.FAILED, error=message):
+        for build_id, worker, heartbeat, status in running:
+            if not is_dead(build_id, worker, as_utc(heartbeat)):
+                continue
+            if status == str(BuildStatus.CANCELLING):
+                ended = self.finish_build(build_id, BuildStatus.CANCELLED,
+                                          expect=[BuildStatus.CANCELLING])
+            else:
+                ended = self.finish_build(build_id, BuildStatus.FAILED, error=message)
+            if ended:
                 failed.append(build_id)
         return failed
 

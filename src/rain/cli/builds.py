@@ -7,29 +7,35 @@ from typing import Annotated, Any
 
 import typer
 
+from rain.cli.buildview import BuildDisplay
 from rain.cli.options import Json, Token, Url, client
-from rain.cli.output import BuildDisplay, build_table, err, image_table, out, print_json
+from rain.cli.output import build_table, err, image_table, out, print_json
 from rain.client import Client
 from rain.model.errors import RainError
 
 Follow = Annotated[bool, typer.Option("--follow", "-f",
-                                      help="Show the phases, progress and log as it runs")]
+                                      help="Show each phase, its duration and progress")]
+Log = Annotated[bool, typer.Option("--log", help="Also show the raw build log (implies "
+                                   "--follow)")]
 Detach = Annotated[bool, typer.Option("--detach", help="Print the build id, do not wait")]
 
 
 def wait_for_build(c: Client, build: dict[str, Any], *, follow: bool,
-                   label: str) -> dict[str, Any]:
-    """Follow a build to its end; a build that did not succeed is a one-line error."""
-    if build["status"] not in ("succeeded", "failed", "cancelled") or follow:
-        with BuildDisplay(label, show_log=follow) as display:
+                   label: str, log: bool = False) -> dict[str, Any]:
+    """Follow a build to its end; a build that did not succeed is a one-line error
+    (after the end of its log, when it was followed)."""
+    if build["status"] not in ("succeeded", "failed", "cancelled") or follow or log:
+        with BuildDisplay(label, phases=follow, show_log=log) as display:
             build = c.follow_build(build["id"], display.update)
+            if build["status"] != "succeeded" and (follow or log):
+                display.failed(build)
     if build["status"] != "succeeded":
         raise RainError(f"build {build['id']} {build['status']}: "
                         f"{build.get('error') or 'no reason given'}")
     return build
 
 
-def build(template: Path, follow: Follow = False, detach: Detach = False,
+def build(template: Path, follow: Follow = False, log: Log = False, detach: Detach = False,
           url: Url = None, token: Token = None, json: Json = False) -> None:
     """Build an image from a template file; prints the image id.
 
@@ -41,7 +47,8 @@ def build(template: Path, follow: Follow = False, detach: Detach = False,
     if detach:
         print_json(submitted) if json else print(submitted["id"])
         return
-    done = wait_for_build(c, submitted, follow=follow, label=f"build {template.name}")
+    done = wait_for_build(c, submitted, follow=follow, log=log,
+                          label=f"build {template.name}")
     if json:
         print_json(done)
         return
@@ -55,25 +62,32 @@ def builds(build_id: Annotated[str | None, typer.Argument(help="Show this build"
                "--status", help="queued | running | succeeded | failed | cancelled")] = None,
            image: Annotated[str | None, typer.Option(
                "--image", help="Builds that made or remake this image")] = None,
-           follow: Follow = False,
+           follow: Follow = False, log: Log = False,
+           cancel: Annotated[bool, typer.Option(
+               "--cancel", help="Cancel it (a running build stops at its next step)")] = False,
            limit: Annotated[int, typer.Option()] = 50,
            offset: Annotated[int, typer.Option()] = 0,
            url: Url = None, token: Token = None, json: Json = False) -> None:
     """List your builds (admins: all), or show one build with its log."""
     c = client(url, token)
     if build_id is None:
+        if cancel:
+            raise RainError("--cancel needs a build id")
         result = c.builds(status=status or [], image=image, limit=limit, offset=offset)
         print_json(result) if json else build_table(result["builds"], result["total"])
         return
-    if follow:
-        with BuildDisplay(f"build {build_id[:8]}", show_log=True) as display:
+    if cancel:
+        _cancel(c, build_id, json)
+        return
+    if follow or log:
+        with BuildDisplay(f"build {build_id[:8]}", phases=True, show_log=log) as display:
             one = c.follow_build(build_id, display.update)
     else:
         one = c.build_status(build_id)
     if json:
         print_json(one)
         return
-    if not follow:
+    if not (follow or log):
         out.print(one["log"], markup=False, highlight=False, end="")
     err.print(f"build {one['id']}: {one['status']}"
               + (f" ({one['phase']} {100 * one['progress']:.0f}%)" if one["status"] == "running"
@@ -84,12 +98,23 @@ def builds(build_id: Annotated[str | None, typer.Argument(help="Show this build"
 
 
 def cancel(build_id: str, url: Url = None, token: Token = None, json: Json = False) -> None:
-    """Cancel a queued build."""
-    done = client(url, token).cancel_build(build_id)
-    print_json(done) if json else err.print(f"cancelled build {done['id']}")
+    """Cancel a build: a queued one at once, a running one at its next step."""
+    _cancel(client(url, token), build_id, json)
 
 
-def rebuild(image: str, follow: Follow = False, detach: Detach = False,
+def _cancel(c: Client, build_id: str, json: bool) -> None:
+    done = c.cancel_build(build_id)
+    if json:
+        print_json(done)
+    elif done["status"] == "cancelling":
+        err.print(f"cancelling build {done['id']}: it stops at its next step "
+                  f"(`rain builds {done['id'][:8]} --follow` to see it end)",
+                  markup=False, highlight=False)
+    else:
+        err.print(f"cancelled build {done['id']}", markup=False, highlight=False)
+
+
+def rebuild(image: str, follow: Follow = False, log: Log = False, detach: Detach = False,
             url: Url = None, token: Token = None, json: Json = False) -> None:
     """Rebuild a purged image from its template (same id); prints the image id."""
     c = client(url, token)
@@ -97,7 +122,7 @@ def rebuild(image: str, follow: Follow = False, detach: Detach = False,
     if detach:
         print_json(submitted) if json else print(submitted["id"])
         return
-    done = wait_for_build(c, submitted, follow=follow, label=f"rebuild {image}")
+    done = wait_for_build(c, submitted, follow=follow, log=log, label=f"rebuild {image}")
     print_json(done) if json else print(done["image_id"])
 
 

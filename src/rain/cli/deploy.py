@@ -62,17 +62,23 @@ def deploy(
         "--rate", help="multicast: send rate cap, e.g. 100mbit")] = None,
     max_rate: Annotated[str | None, typer.Option(
         "--max-rate", help="Cap each node's download, e.g. 200mbit")] = None,
+    spread: Annotated[bool, typer.Option(
+        "--spread", help="Instances on different nodes first (the usual default)")] = False,
+    pack: Annotated[bool, typer.Option(
+        "--pack", help="Fill the nodes that have the image before using others")] = False,
     follow: Annotated[bool, typer.Option("--follow", help="Show every node's progress")]
     = False,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the end")] = True,
     url: Url = None, token: Token = None, json: Json = False,
 ) -> None:
     """Start COUNT instances of IMAGE on nodes; the image moves by the best method."""
+    if spread and pack:
+        raise RainError("give --spread or --pack, not both")
     options = _options(copy=copy, size=size, ephemeral_size=ephemeral, fanout=fanout,
                        stripes=stripes, encrypt=encrypt, rate=rate, max_rate=max_rate)
     c = client(url, token)
     dep = c.deploy(image, nodes=_names(node_names), all=everyone, count=count, method=method,
-                   options=options)
+                   options=options, policy="spread" if spread else "pack" if pack else None)
     _finish(c, dep, follow=follow, wait=wait, json=json)
 
 
@@ -276,9 +282,17 @@ def _report(d: dict[str, Any]) -> None:
     out.print(f"{d['status']}: {what} on {len(r.get('per_node') or {})} nodes, "
               f"makespan {_secs(r.get('makespan_s'))} (first ready "
               f"{_secs(r.get('first_ready_s'))}), method {r.get('method') or d['method']}"
-              f" ({r.get('method_reason') or ''}); repository sent "
-              f"{human(r.get('repo_bytes_sent'))}, nodes sent each other "
-              f"{human(r.get('peer_bytes_sent'))}")
+              f" ({r.get('method_reason') or ''}){_placed(r.get('placement'))}; repository "
+              f"sent {human(r.get('repo_bytes_sent'))}, nodes sent each other "
+              f"{human(r.get('peer_bytes_sent'))}", markup=False, highlight=False)
+
+
+def _placed(placement: dict[str, Any] | None) -> str:
+    """`, placed by spread (the server's default)` or `, placed by pack (asked)`."""
+    if not placement:
+        return ""
+    how = "asked" if placement.get("asked") else "the server's default"
+    return f", placed by {placement.get('policy')} ({how})"
 
 
 def _secs(value: Any) -> str:

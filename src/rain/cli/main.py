@@ -158,7 +158,7 @@ def push(file: Path, name: Annotated[str, typer.Option("--name", help="Image nam
                        os_distro=os_distro, os_release=os_release, arch=arch,
                        visibility=visibility, tags=tag or [], properties=_pairs(prop, "property"),
                        parent=parent, disk_format=disk_format, base=base or None,
-                       progress=progress)
+                       progress=progress, phase=progress.phase if progress else None)
     if json:
         print_json(image)
     else:
@@ -178,8 +178,11 @@ def pull(image: str, output: Annotated[Path | None, typer.Option("-o", "--output
     fmt = format or info.get("disk_format") or "img"
     dest = output or Path(f"{info['name']}{'-' + info['version'] if info.get('version') else ''}"
                           f".{fmt}")
+    if format == info.get("disk_format"):
+        format = None  # nothing to convert
     with transfer_progress(f"pull {info['name']}", info.get("size") if not format else None) as p:
-        result = c.pull(info["id"], dest, format=format, progress=p)
+        result = c.pull(info["id"], dest, format=format, progress=p,
+                        phase=p.phase if p else None)
     if json:
         print_json(result)
     else:

@@ -9,14 +9,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Table
+
+from rain.cli.transferbar import TransferBar
 
 # Piped output is not cut to 80 columns: scripts and `grep` see whole rows.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 250)
@@ -81,60 +76,14 @@ def image_detail(i: dict[str, Any]) -> None:
 
 @contextmanager
 def transfer_progress(label: str, total: int | None) -> Iterator[Any]:
-    """A progress bar on a terminal; nothing when output is piped."""
+    """A progress bar on a terminal (None when output is piped): call it with bytes
+    done; its `phase(what, total)` starts a step of its own — a bar again when the step
+    counts bytes, a spinner and the time when it only waits (the server converting)."""
     if not err.is_terminal:
         yield None
         return
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), console=err,
-                  transient=True) as progress:
-        task = progress.add_task(label, total=total)
-        yield lambda n: progress.advance(task, n)
-
-
-class BuildDisplay:
-    """A build as it runs, fed each poll's answer by `Client.follow_build`.
-
-    On a terminal: a bar with the phase and its progress, log lines (with
-    `show_log`) scrolling above it. Piped: plain lines on stderr — one per
-    phase and, with `show_log`, the log — and nothing at all without it.
-    """
-
-    def __init__(self, label: str, *, show_log: bool) -> None:
-        self.label = label
-        self.show_log = show_log
-        self.phase: str | None = None
-        self._progress: Progress | None = None
-        self._task: Any = None
-
-    def __enter__(self) -> BuildDisplay:
-        if err.is_terminal:
-            self._progress = Progress("[progress.description]{task.description}", BarColumn(),
-                                      "{task.percentage:>3.0f}%", console=err, transient=True)
-            self._progress.start()
-            self._task = self._progress.add_task(self.label, total=1.0)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-    def update(self, build: dict[str, Any]) -> None:
-        text = build.get("log") or ""
-        if self.show_log and text:
-            for line in text.rstrip("\n").split("\n"):
-                if self._progress is not None:
-                    self._progress.console.print(line, markup=False, highlight=False)
-                else:
-                    sys.stderr.write(line + "\n")
-        phase = build.get("phase") or build.get("status") or ""
-        if self._progress is not None:
-            self._progress.update(self._task, description=f"{self.label} {phase}",
-                                  completed=float(build.get("progress") or 0.0))
-        elif self.show_log and phase != self.phase:
-            sys.stderr.write(f"== {phase}\n")
-        self.phase = phase
-        sys.stderr.flush()
+    with TransferBar(label, total, err) as bar:
+        yield bar
 
 
 def build_table(builds: list[dict[str, Any]], total: int | None = None) -> None:

@@ -20,7 +20,7 @@ import httpx
 from rain.client.builds import BuildCalls, BuildUpdate
 from rain.client.deployments import DeployCalls
 from rain.client.nodes import NodeCalls
-from rain.client.transfer import download_file, upload_file
+from rain.client.transfer import Phase, download_file, upload_file
 from rain.client.users import UserCalls
 from rain.model.errors import ERRORS_BY_CODE, ImageRebuilding, InvalidImage, RainError
 
@@ -69,12 +69,14 @@ class Client(BuildCalls, NodeCalls, DeployCalls, UserCalls):
         return dict(self._request("POST", "/v1/images", json=meta))
 
     def upload(self, ref: str, path: Path, *, disk_format: str | None = None,
-               progress: Progress | None = None) -> dict[str, Any]:
+               progress: Progress | None = None, phase: Phase | None = None) -> dict[str, Any]:
+        """`progress(n)`: bytes of the file done; `phase(what, total)`: what it does now
+        (rain.client.transfer)."""
         query = f"?disk_format={disk_format}" if disk_format else ""
         try:
             reply = upload_file(f"{self.url}/v1/images/{ref}/file{query}", Path(path),
                                 self._auth, timeout=self.timeout, progress=progress,
-                                sparse=self.sparse, context=self.context)
+                                sparse=self.sparse, context=self.context, phase=phase)
         except OSError as exc:
             raise RainError(f"upload of {path} was cut off before the server answered ({exc}); "
                             "the image was not stored") from None
@@ -82,17 +84,20 @@ class Client(BuildCalls, NodeCalls, DeployCalls, UserCalls):
         return dict(json.loads(reply.body))
 
     def push(self, path: str | Path, *, name: str, disk_format: str | None = None,
-             progress: Progress | None = None, **meta: Any) -> dict[str, Any]:
+             progress: Progress | None = None, phase: Phase | None = None,
+             **meta: Any) -> dict[str, Any]:
         """Create the record and upload the data; returns the active image."""
         path = Path(path)
         if not path.is_file():
             raise RainError(f"{path}: no such file")
         image = self.create_image(name=name, **{k: v for k, v in meta.items() if v is not None})
-        return self.upload(image["id"], path, disk_format=disk_format, progress=progress)
+        return self.upload(image["id"], path, disk_format=disk_format, progress=progress,
+                           phase=phase)
 
     def pull(self, ref: str, out: str | Path, *, format: str | None = None,
              progress: Progress | None = None, wait_for_rebuild: bool = True,
-             on_rebuild: BuildUpdate | None = None) -> dict[str, Any]:
+             on_rebuild: BuildUpdate | None = None,
+             phase: Phase | None = None) -> dict[str, Any]:
         """Download to `out` (via a temp file, renamed once the SHA-256 is verified).
 
         A purged image is rebuilt by the server first: the pull follows that
@@ -101,7 +106,8 @@ class Client(BuildCalls, NodeCalls, DeployCalls, UserCalls):
         """
         for _attempt in range(3):
             try:
-                return self._pull_once(ref, out, format=format, progress=progress)
+                return self._pull_once(ref, out, format=format, progress=progress,
+                                       phase=phase)
             except ImageRebuilding as exc:
                 if not wait_for_rebuild:
                     raise
@@ -114,17 +120,18 @@ class Client(BuildCalls, NodeCalls, DeployCalls, UserCalls):
                     raise RainError(f"{ref} was purged and its rebuild (build {build_id}) "
                                     f"{build['status']}: {build.get('error') or 'no reason'}"
                                     ) from None
-        return self._pull_once(ref, out, format=format, progress=progress)
+        return self._pull_once(ref, out, format=format, progress=progress, phase=phase)
 
     def _pull_once(self, ref: str, out: str | Path, *, format: str | None = None,
-                   progress: Progress | None = None) -> dict[str, Any]:
+                   progress: Progress | None = None,
+                   phase: Phase | None = None) -> dict[str, Any]:
         out = Path(out)
         tmp = out.with_name(f".{out.name}.part")
         query = f"?format={format}" if format else ""
         try:
             got = download_file(f"{self.url}/v1/images/{ref}/file{query}", tmp, self._auth,
                                 timeout=self.timeout, progress=progress, sparse=self.sparse,
-                                context=self.context)
+                                context=self.context, phase=phase, converting=bool(format))
             reply = got.reply
             _raise_for_reply(reply.status, reply.body)
             expected = reply.headers.get("x-rain-sha256", "")

@@ -16,10 +16,15 @@ class DeployCalls:
 
     def deploy(self, image: str, *, nodes: list[str] | None = None, all: bool = False,
                count: int = 1, method: str | None = None,
-               options: dict[str, Any] | None = None) -> dict[str, Any]:
+               options: dict[str, Any] | None = None,
+               policy: str | None = None) -> dict[str, Any]:
         """Start `count` instances of `image` on the named nodes (or all); returns the
-        deployment at once — `follow_deployment` waits for it."""
-        return self._deployment(image, nodes, all, method, options, count=count)
+        deployment at once — `follow_deployment` waits for it. `policy`: "spread" or
+        "pack" (None: the server's default)."""
+        what: dict[str, Any] = {"count": count}
+        if policy:
+            what["policy"] = policy
+        return self._deployment(image, nodes, all, method, options, **what)
 
     def prefetch(self, image: str, *, nodes: list[str] | None = None, all: bool = False,
                  method: str | None = None,

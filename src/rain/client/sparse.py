@@ -40,21 +40,36 @@ from rain.model.sparse import (
 SEGMENT = 256 * 1024
 BATCH = 4 * 1024 * 1024  # bytes of segments verified and written per task
 MAX_SIZE = 1 << 62
+SCAN_REPORT = 64  # segments between progress reports of a scan (16 MiB)
 Progress = Callable[[int], None]
 
 
-def scan(path: Path, segment: int = SEGMENT) -> SparseHeader:
-    """Which segments of `path` hold a non-zero byte."""
+def scan(path: Path, segment: int = SEGMENT,
+         progress: Progress | None = None) -> SparseHeader:
+    """Which segments of `path` hold a non-zero byte; `progress` gets the bytes looked at
+    (a hole counts when it is passed), so a bar can move while a large file is read."""
     size = path.stat().st_size
     count = -(-size // segment)
     present = [False] * count
     if size == 0:
         return SparseHeader(segment, 0, 0, b"")
+    seen = 0
+
+    def reached(pos: int) -> None:
+        nonlocal seen
+        if progress and pos > seen:
+            progress(pos - seen)
+            seen = pos
+
     with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mm:
         for start, end in _data_extents(f.fileno(), size):
             for i in range(start // segment, -(-end // segment)):
                 if not present[i]:
                     present[i] = _nonzero(mm, i * segment, min((i + 1) * segment, size))
+                if i % SCAN_REPORT == 0:
+                    reached(min(i * segment, size))
+            reached(end)
+    reached(size)
     return SparseHeader(segment, size, 0, bitmap(present))
 
 
@@ -97,8 +112,10 @@ def runs(header: SparseHeader) -> list[tuple[int, int]]:
 
 
 def receive(resp: http.client.HTTPResponse, out: BinaryIO, *,
-            progress: Progress | None = None, workers: int = 2) -> SparseHeader:
-    """Decode a sparse response body into `out`, verifying every segment."""
+            progress: Progress | None = None, workers: int = 2,
+            started: Callable[[int], None] | None = None) -> SparseHeader:
+    """Decode a sparse response body into `out`, verifying every segment; `started`
+    gets the image's size once the header says it."""
     try:
         segment, size, flags, map_len = parse_head(_exact(resp, HEAD_LEN), max_size=MAX_SIZE)
         present = _exact(resp, map_len)
@@ -108,6 +125,8 @@ def receive(resp: http.client.HTTPResponse, out: BinaryIO, *,
     header = SparseHeader(segment, size, flags, present)
     if not flags & DIGESTS:
         raise RainError("download failed: the server sent no segment digests")
+    if started:
+        started(size)
     digests = _exact(resp, header.digests_length())
     out.truncate(size)
     fd = out.fileno()

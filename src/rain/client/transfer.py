@@ -5,6 +5,13 @@ several layers; for multi-GiB images that costs more CPU than the SHA-256.
 Uploads here go out with `sendfile` (page cache to socket, no copies in
 Python); downloads `readinto` a few reused buffers, hash them in a second
 thread and write zero blocks as holes.
+
+`progress(n)` counts bytes of the image (zero stretches a sparse transfer
+skips count when they are passed), as they go. `phase(name, total)` says what
+the transfer is doing when it is not moving bytes the caller could count:
+scanning the file for zeros, waiting while the server checks and stores an
+upload or converts an image before the first byte of a download — so a bar
+can say so instead of sitting at 0.
 """
 
 from __future__ import annotations
@@ -30,7 +37,18 @@ from rain.model.sparse import SparseHeader
 
 BUFFER = 4 * 1024 * 1024
 SEGMENT = 256 * 1024  # zero detection granularity when writing sparse files
+# Bytes per sendfile call: large enough to cost nothing, small enough that the
+# progress bar moves every few hundred milliseconds on a slow link.
+SENDFILE_STEP = 2 * BUFFER
 Progress = Callable[[int], None]
+Phase = Callable[[str, int | None], None]  # (what is happening, bytes it will count or None)
+
+SCANNING = "scanning for zeros"
+SENDING = "sending"
+STORING = "the server checks and stores it"
+WAITING = "waiting for the server"
+CONVERTING = "converting on the server"
+RECEIVING = "receiving"
 
 
 @dataclass
@@ -55,24 +73,30 @@ def _connect(url: str, timeout: float,
 
 def upload_file(url: str, path: Path, headers: dict[str, str], *, timeout: float,
                 progress: Progress | None = None, sparse: bool = True,
-                context: ssl.SSLContext | None = None) -> Reply:
+                context: ssl.SSLContext | None = None, phase: Phase | None = None) -> Reply:
     """PUT a file; if the server answers early (an error) the answer is still read.
 
     With `sparse` the body leaves out all-zero segments (rain.model.sparse); a
     server that does not take that encoding (415) gets the plain bytes.
     """
+    size = Path(path).stat().st_size
     if sparse:
-        reply = _put(url, path, headers, timeout, progress, scan(path), context)
+        if phase:
+            phase(SCANNING, size)
+        header = scan(path, progress=progress)
+        reply = _put(url, path, headers, timeout, progress, header, context, phase)
         if reply.status != 415:
             return reply
-    return _put(url, path, headers, timeout, progress, None, context)
+    return _put(url, path, headers, timeout, progress, None, context, phase)
 
 
 def _put(url: str, path: Path, headers: dict[str, str], timeout: float,
          progress: Progress | None, sparse: SparseHeader | None,
-         context: ssl.SSLContext | None = None) -> Reply:
+         context: ssl.SSLContext | None = None, phase: Phase | None = None) -> Reply:
     conn, target = _connect(url, timeout, context)
     size = Path(path).stat().st_size
+    if phase:
+        phase(SENDING, size)
     if sparse is None:
         extra = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
     else:
@@ -91,12 +115,14 @@ def _put(url: str, path: Path, headers: dict[str, str], timeout: float,
                 conn.sock.sendall(sparse.pack())
                 done = 0
                 for off, length in runs(sparse):
-                    _send_range(conn, f, off, length, None)
-                    if progress:
-                        progress(off + length - done)
-                        done = off + length
+                    if progress and off > done:
+                        progress(off - done)  # the zeros before this run: skipped
+                    _send_range(conn, f, off, length, progress)
+                    done = off + length
                 if progress and size > done:
                     progress(size - done)
+        if phase:
+            phase(STORING, None)
         resp = conn.getresponse()
         return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
     finally:
@@ -110,7 +136,7 @@ def _send_range(conn: http.client.HTTPConnection, f: BinaryIO, offset: int, leng
     sent = 0
     while sent < length:
         if isinstance(sock, socket.socket) and not hasattr(sock, "context"):
-            n = sock.sendfile(f, offset + sent, min(BUFFER * 16, length - sent))
+            n = sock.sendfile(f, offset + sent, min(SENDFILE_STEP, length - sent))
         else:  # TLS: no sendfile
             f.seek(offset + sent)
             data = f.read(min(BUFFER, length - sent))
@@ -133,17 +159,21 @@ class Downloaded:
 
 def download_file(url: str, out: Path, headers: dict[str, str], *, timeout: float,
                   progress: Progress | None = None, sparse: bool = True,
-                  context: ssl.SSLContext | None = None) -> Downloaded:
+                  context: ssl.SSLContext | None = None, phase: Phase | None = None,
+                  converting: bool = False) -> Downloaded:
     """GET into `out` (created sparse).
 
     With `sparse`, a server that speaks rain's sparse encoding sends only the
     non-zero chunks with their digests, each verified here; otherwise the
     whole body's SHA-256 is computed while writing. On an error status nothing
-    is written and the reply carries the body.
+    is written and the reply carries the body. `converting`: the server makes
+    the image in another format before it answers (the phase says so).
     """
     conn, target = _connect(url, timeout, context)
     try:
         accept = {"Accept": f"{SPARSE_TYPE}, application/octet-stream"} if sparse else {}
+        if phase:
+            phase(CONVERTING if converting else WAITING, None)
         conn.request("GET", target, headers={**headers, **accept})
         resp = conn.getresponse()
         reply = Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, b"")
@@ -152,8 +182,13 @@ def download_file(url: str, out: Path, headers: dict[str, str], *, timeout: floa
             return Downloaded(reply, "", 0, False)
         if reply.headers.get("content-type", "").startswith(SPARSE_TYPE):
             with open(out, "wb") as f:
-                header = receive(resp, f, progress=progress)
+                header = receive(resp, f, progress=progress,
+                                 started=(lambda total: phase(RECEIVING, total)) if phase
+                                 else None)
             return Downloaded(reply, reply.headers.get("x-rain-sha256", ""), header.size, True)
+        if phase:
+            declared = reply.headers.get("content-length", "")
+            phase(RECEIVING, int(declared) if declared.isdigit() else None)
         hasher = hashlib.sha256()
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rain-pull-sha")
         buffers = [bytearray(BUFFER) for _ in range(3)]

@@ -82,5 +82,13 @@ class AgentClient:
     def evict(self, image_id: str) -> dict[str, Any]:
         return dict(self._call("DELETE", f"/v1/cache/{image_id}"))
 
+    def grant(self, peer_token: str, image_id: str) -> dict[str, Any]:
+        """Have the node serve its cached `image_id` to the bearers of `peer_token`."""
+        return dict(self._call("POST", "/v1/grants",
+                               json={"peer_token": peer_token, "image_id": image_id}))
+
+    def revoke(self, peer_token: str) -> dict[str, Any]:
+        return dict(self._call("DELETE", "/v1/grants", json={"peer_token": peer_token}))
+
     def state(self) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/state"))

@@ -100,6 +100,7 @@ class Coordinator:
         self.work = side.data_dir / "deployments"
         ca = getattr(side.config, "agent_ca", "")
         self.agent_context = ssl.create_default_context(cafile=ca) if ca else None
+        side.agent_context = self.agent_context
         shutil.rmtree(self.work, ignore_errors=True)
         self._lock = threading.Lock()
         self._runs: dict[str, DeploymentRun] = {}
@@ -109,9 +110,11 @@ class Coordinator:
     # -- what the HTTP layer asks -------------------------------------------------------
     def deploy(self, viewer: User, image: Image, *, placements: list[Placement],
                targets: list[str], method: str, options: dict[str, Any], prefetch: bool = False,
-               started: float | None = None) -> Deployment:
+               started: float | None = None,
+               placement: dict[str, Any] | None = None) -> Deployment:
         """Record the deployment and start it; `targets` are all nodes that must hold the
-        image (those in `placements` get instances too)."""
+        image (those in `placements` get instances too); `placement` (how they were
+        placed: rain.schedule.describe) goes into the report."""
         started = time.monotonic() if started is None else started
         counts = {p.node: p.count for p in placements}
         names = list(dict.fromkeys([*counts, *targets]))
@@ -119,6 +122,7 @@ class Coordinator:
             viewer, image, method=method, count=sum(counts.values()), nodes=names,
             options=options, prefetch=prefetch)
         run = DeploymentRun(self, dep, viewer, image, counts, names, method, options, started)
+        run.placement = placement
         with self._lock:
             self._runs[dep.id] = run
             self._tokens[run.peer_token] = (dep.id, image.id, viewer)
@@ -214,6 +218,7 @@ class DeploymentRun:
         self._lock = threading.Lock()
         self._last_save = 0.0
         self.repo_bytes_other = 0
+        self.placement: dict[str, Any] | None = None
 
     def fetching(self) -> list[str]:
         with self._lock:
@@ -461,6 +466,7 @@ class DeploymentRun:
             "instances_failed": sum(1 for p in self.nodes.values() for i in p.instances
                                     if i.get("status") == "failed"),
             "errors": {n: p.error for n, p in self.nodes.items() if p.error},
+            "placement": self.placement,
         }
 
     def _save(self, *, throttle: bool = False, final: bool = False) -> None:

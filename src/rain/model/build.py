@@ -11,6 +11,9 @@ from typing import Any
 class BuildStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
+    # Running, and asked to stop: the worker (on whichever server runs it) sees this in
+    # the catalog, stops between steps and ends it `cancelled`.
+    CANCELLING = "cancelling"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"

@@ -128,6 +128,13 @@ class ToolFailed(RainError):
         self.stderr = stderr
 
 
+class BuildCancelled(RainError):
+    """Raised inside a running build once it was asked to stop (rain.build.progress)."""
+
+    code = "build_cancelled"
+    status = 409
+
+
 ERRORS_BY_CODE: dict[str, type[RainError]] = {
     cls.code: cls
     for cls in (
@@ -145,5 +152,6 @@ ERRORS_BY_CODE: dict[str, type[RainError]] = {
         ImageRebuilding,
         StoreCorruption,
         ToolFailed,
+        BuildCancelled,
     )
 }

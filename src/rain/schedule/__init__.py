@@ -4,6 +4,7 @@ Pure functions over `rain.model` data (no I/O, no clock): the API reads node
 reports and the usage log, asks this package for a plan, and acts on it.
 """
 
+from rain.schedule.config import ScheduleConfig
 from rain.schedule.filters import (
     CacheSpaceFilter,
     CapacityFilter,
@@ -13,14 +14,23 @@ from rain.schedule.filters import (
     default_filters,
 )
 from rain.schedule.placer import place
+from rain.schedule.policy import (
+    Policy,
+    default_weighers,
+    describe,
+    parse_policy,
+    policy_name,
+    weighers_for,
+    with_policy,
+)
 from rain.schedule.prefetch import PrefetchOrder, popular_images, prefetch_plan
 from rain.schedule.request import PlacementRequest
 from rain.schedule.weighers import (
     CacheWeigher,
     FreeCacheWeigher,
     FreeCapacityWeigher,
+    SiblingsWeigher,
     Weigher,
-    default_weighers,
     normalise,
     total_weights,
 )
@@ -35,13 +45,21 @@ __all__ = [
     "HostFilter",
     "NodeUpFilter",
     "PlacementRequest",
+    "Policy",
     "PrefetchOrder",
+    "ScheduleConfig",
+    "SiblingsWeigher",
     "Weigher",
     "default_filters",
     "default_weighers",
+    "describe",
     "normalise",
+    "parse_policy",
     "place",
+    "policy_name",
     "popular_images",
     "prefetch_plan",
     "total_weights",
+    "weighers_for",
+    "with_policy",
 ]

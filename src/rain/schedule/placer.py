@@ -1,9 +1,10 @@
 """Place N instances of one image on nodes, one instance at a time.
 
 Each pick re-filters and re-weighs over the state left by the previous picks:
-the chosen node has one slot less and, if it lacked the image, now has it in
-flight. So later instances of the same request cluster on nodes that will
-already hold the image, as long as their capacity allows.
+the chosen node has one slot less, one more of the request's own instances
+(`PlacementRequest.placed`, what the siblings weigher counts) and, if it
+lacked the image, now has it in flight. Whether later instances then spread
+or gather is the weighers' multipliers' call (rain.schedule.policy).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from dataclasses import replace
 from rain.model.errors import Conflict, InvalidRequest
 from rain.model.node import NodeState, Placement
 from rain.schedule.filters import CapacityFilter, HostFilter, default_filters
+from rain.schedule.policy import default_weighers
 from rain.schedule.request import PlacementRequest
-from rain.schedule.weighers import Weigher, default_weighers, total_weights
+from rain.schedule.weighers import Weigher, total_weights
 
 # Ω is a sum of floats; round before comparing so equal nodes tie exactly and
 # the name decides, whatever order the weighers were summed in.
@@ -61,7 +63,8 @@ def place(
         candidates = _eligible(list(state.values()), request, checks)
         if not candidates:  # a caller's filter changed its mind mid-way
             raise Conflict(f"no node left for instance {sum(counts.values()) + 1} of {image_id}")
-        omega = total_weights(candidates, request, weighers)
+        picked = replace(request, placed=dict(counts))
+        omega = total_weights(candidates, picked, weighers)
         best = min(candidates, key=lambda n: (-round(omega[n.name], _OMEGA_DIGITS), n.name))
         state[best.name] = _after_one_more(best, request)
         counts[best.name] = counts.get(best.name, 0) + 1

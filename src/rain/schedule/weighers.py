@@ -48,10 +48,27 @@ class CacheWeigher(Weigher):
 
 
 class FreeCapacityWeigher(Weigher):
-    """Free instance slots: a positive multiplier spreads, a negative one packs."""
+    """Free instance slots (Nova's RAM weigher, for slots): a positive multiplier
+    prefers the emptiest node (spread), a negative one the fullest (pack)."""
 
     def weigh(self, node: NodeState, request: PlacementRequest) -> float:
         return float(node.free_instances)
+
+
+class SiblingsWeigher(Weigher):
+    """Fewer instances of this same request on the node (Nova's soft anti-affinity).
+
+    Free slots cannot tell "this deployment chose the node a moment ago" from
+    "other deployments use it", and the in-flight credit even rewards the node
+    this deployment is already sending the image to. This weigher counts only
+    the request's own picks: a positive multiplier larger than the cache
+    weigher's spreads a deployment over its nodes (cached ones still first), a
+    negative one keeps it together. It cannot tell nodes apart on the first
+    pick, so a one-instance deployment is placed by the cache and the load alone.
+    """
+
+    def weigh(self, node: NodeState, request: PlacementRequest) -> float:
+        return -float(request.placed.get(node.name, 0))
 
 
 class FreeCacheWeigher(Weigher):
@@ -87,12 +104,3 @@ def total_weights(
         for node, value in zip(nodes, normalise(raw), strict=True):
             totals[node.name] += weigher.multiplier * value
     return totals
-
-
-def default_weighers() -> list[Weigher]:
-    """Cache first, then spread over free slots, then free cache as a light tie-breaker.
-
-    The cache weigher's multiplier is larger than the others together so a
-    node with the image always wins over an empty one while it has room.
-    """
-    return [CacheWeigher(multiplier=3.0), FreeCapacityWeigher(1.0), FreeCacheWeigher(0.5)]

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from rain import __version__
 from rain.distribute.agent.config import AgentConfig
+from rain.distribute.agent.grants import PeerGrants
 from rain.distribute.agent.server import AgentHTTPServer
 from rain.distribute.agent.transfers import DONE, FETCHING, FetchRequest, Transfers
 from rain.distribute.cache import NodeCache, check_id
@@ -50,7 +51,8 @@ class Agent:
         # chunks method and peers; it follows evictions by itself.
         self.chunks = ChunkIndex(self.cache)
         self.transfers: Transfers | None = None
-        self._peer_tokens: dict[str, float] = {}
+        self.grants = PeerGrants(config.peer_token_seconds)
+        self._digests: dict[str, frozenset[bytes]] = {}  # image id → its chunk digests
         self._served: dict[str, PartialImage] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -145,9 +147,7 @@ class Agent:
         req = FetchRequest.parse(body)
         assert self.transfers is not None
         if req.peer_token:
-            with self._lock:
-                self._peer_tokens[req.peer_token] = time.monotonic() + \
-                    self.config.peer_token_seconds
+            self.grants.grant(req.peer_token, req.image_id)
         entry = self.cache.entry(req.image_id)
         if entry is not None:
             if entry.sha256 != req.sha256:
@@ -186,14 +186,30 @@ class Agent:
     def evict(self, image_id: str) -> None:
         self.cache.evict(image_id)
         self.chunks.remove_image(image_id)
+        with self._lock:
+            self._digests.pop(image_id, None)
 
     # -- peers ---------------------------------------------------------------------
-    def peer_token_ok(self, token: str) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            for t in [t for t, exp in self._peer_tokens.items() if exp < now]:
-                del self._peer_tokens[t]
-            return token in self._peer_tokens
+    def grant(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Serve a cached image to the bearers of a deployment's peer token (the
+        repository asks a holder before it lists the holder in a `chunks` plan)."""
+        token, image_id = body.get("peer_token"), body.get("image_id")
+        if not isinstance(token, str) or not token or not isinstance(image_id, str):
+            raise InvalidRequest('body must be {"peer_token": TOKEN, "image_id": ID}')
+        check_id(image_id)
+        if self.cache.entry(image_id) is None:
+            raise NotFound(f"image {image_id} is not cached on node {self.name}")
+        return {"image_id": image_id, "seconds": self.grants.grant(token, image_id)}
+
+    def revoke(self, body: dict[str, Any]) -> dict[str, Any]:
+        token = body.get("peer_token")
+        if not isinstance(token, str) or not token:
+            raise InvalidRequest('body must be {"peer_token": TOKEN}')
+        return {"revoked": self.grants.revoke(token)}
+
+    def peer_images(self, token: str) -> frozenset[str] | None:
+        """The images a peer token lets its bearer read here (None: not a token here)."""
+        return self.grants.images(token)
 
     def serving_image(self, image_id: str) -> PartialImage | None:
         """The image as peers read it: the transfer's PartialImage, or the cached file."""
@@ -214,9 +230,27 @@ class Agent:
                 self._served[image_id] = served
             return served
 
-    def chunk_by_digest(self, digest: bytes) -> bytes | None:
-        """A chunk this node holds, checked against its digest before it goes out."""
+    def chunk_by_digest(self, digest: bytes,
+                        images: frozenset[str] | None = None) -> bytes | None:
+        """A chunk this node holds, checked against its digest before it goes out; with
+        `images`, only a chunk of one of them (from whichever file holds those bytes)."""
+        if images is not None and not any(digest in self._digests_of(i) for i in images):
+            return None
         return self.chunks.read(digest)
+
+    def _digests_of(self, image_id: str) -> frozenset[bytes]:
+        with self._lock:
+            known = self._digests.get(image_id)
+        if known is not None:
+            return known
+        partial = self.transfers.partial(image_id) if self.transfers is not None else None
+        manifest = partial.manifest if partial is not None else self.cache.manifest(image_id)
+        if manifest is None:
+            return frozenset()
+        digests = frozenset(manifest.unique_digests())
+        with self._lock:
+            self._digests[image_id] = digests
+        return digests
 
     # -- instances and cache --------------------------------------------------------------
     def create_instances(self, items: list[Any]) -> list[dict[str, Any]]:

@@ -11,8 +11,12 @@ Control (bearer: the agent key the node registered with):
                                           ephemeral_size}]} → disks over cached images
     GET    /v1/instances                  DELETE /v1/instances/{id}
     GET    /v1/cache                      DELETE /v1/cache/{image}
+    POST   /v1/grants                     {"peer_token", "image_id"}: serve a cached image
+                                          to that token's bearers (a `chunks` holder)
+    DELETE /v1/grants                     {"peer_token"}: no longer
 
-Peers (bearer: a deployment's peer token this agent was given) — see
+Peers (bearer: a deployment's peer token this agent was given, which covers
+only that deployment's image: rain.distribute.agent.grants) — see
 rain.distribute.peer for the wire format:
 
     GET    /v1/peer/images/{image}/chunks?stripe=S&of=K&from=I
@@ -54,6 +58,8 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("DELETE", re.compile(r"^/v1/instances/([^/]+)$"), "instance_delete"),
     ("GET", re.compile(r"^/v1/cache$"), "cache_list"),
     ("DELETE", re.compile(r"^/v1/cache/([^/]+)$"), "cache_evict"),
+    ("POST", re.compile(r"^/v1/grants$"), "grant"),
+    ("DELETE", re.compile(r"^/v1/grants$"), "revoke"),
     ("GET", re.compile(r"^/v1/peer/images/([^/]+)/chunks$"), "peer_stripe"),
     ("GET", re.compile(r"^/v1/peer/chunks/([0-9a-fA-F]{64})$"), "peer_chunk"),
 ]
@@ -109,12 +115,19 @@ class AgentHandler(BaseHTTPRequestHandler):
         if not hmac.compare_digest(token, self.agent.key):
             raise Forbidden("wrong agent key")
 
-    def _peer(self) -> None:
+    def _peer(self, image_id: str | None = None) -> frozenset[str] | None:
+        """The images the bearer may read (None: all, it is the repository)."""
         token = self._token()
         if not token:
             raise Unauthorized("peer requests need the deployment's peer token")
-        if not (hmac.compare_digest(token, self.agent.key) or self.agent.peer_token_ok(token)):
+        if hmac.compare_digest(token, self.agent.key):
+            return None
+        images = self.agent.peer_images(token)
+        if images is None:
             raise Forbidden("unknown or expired peer token")
+        if image_id is not None and image_id not in images:
+            raise Forbidden(f"this peer token does not cover image {image_id}")
+        return images
 
     def _body(self) -> dict[str, Any]:
         length = int(self.headers.get("Content-Length") or 0)
@@ -205,9 +218,17 @@ class AgentHandler(BaseHTTPRequestHandler):
         self.agent.evict(image_id)
         self._json({"evicted": image_id})
 
+    def _grant(self, query: dict[str, list[str]]) -> None:
+        self._control()
+        self._json(self.agent.grant(self._body()))
+
+    def _revoke(self, query: dict[str, list[str]]) -> None:
+        self._control()
+        self._json(self.agent.revoke(self._body()))
+
     # -- peers -------------------------------------------------------------------
     def _peer_stripe(self, image_id: str, query: dict[str, list[str]]) -> None:
-        self._peer()
+        self._peer(image_id)
         try:
             stripe = int((query.get("stripe") or ["0"])[0])
             of = int((query.get("of") or ["1"])[0])
@@ -239,8 +260,8 @@ class AgentHandler(BaseHTTPRequestHandler):
                      self.address_string(), exc)
 
     def _peer_chunk(self, digest: str, query: dict[str, list[str]]) -> None:
-        self._peer()
-        data = self.agent.chunk_by_digest(bytes.fromhex(digest))
+        images = self._peer()
+        data = self.agent.chunk_by_digest(bytes.fromhex(digest), images)
         if data is None:
             raise NotFound(f"no chunk {digest[:16]}… here")
         self.send_response(200)

@@ -22,6 +22,7 @@ name, so libtorrent is only imported where BitTorrent is used.
 from __future__ import annotations
 
 import importlib
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,6 +97,8 @@ class RepoSide:
     host: str  # the address the server listens on: nodes reach the repository there
     port: int
     data_dir: Path  # scratch and seed files live under it
+    # How the repository verifies agents that serve HTTPS (None: the system CAs).
+    agent_context: ssl.SSLContext | None = None
     # Long-lived helpers a method keeps between deployments (e.g. the BitTorrent seeder),
     # by name; create them under `lock`.
     services: dict[str, Any] = field(default_factory=dict)

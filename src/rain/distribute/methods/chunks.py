@@ -9,13 +9,22 @@ A node fills its PartialImage from, in this order:
    to the index, and the chunk is fetched elsewhere;
 2. the other nodes of the deployment. Every chunk still missing has one
    *owner* among them, chosen by its digest the same way on every node. A node
-   gets the chunks it owns itself (from a node that caches the image, else the
-   repository) while it asks each chunk's owner for the others — waiting for
+   gets the chunks it owns itself (from a *holder* — a node outside the
+   deployment that caches the image — else the repository) while it asks each
+   chunk's owner for the others — waiting for
    an owner that does not have it yet, up to `owner_wait_seconds` without
    progress — so the repository sends each new chunk about once for the whole
    deployment, not once per node;
 3. the repository, for whatever is still missing (runs of chunks as Range
    requests).
+
+A node serves the bearer of a deployment's peer token only that deployment's
+image (rain.distribute.agent.grants). The deployment's nodes learn the token
+from their fetch requests; a holder is asked first (`POST /v1/grants`, with its
+agent key) to serve the image for it, and only the holders that agree are in
+the plan — one that is down, or evicted the image since its last report, is
+left out rather than tried and dropped by every node. The grants are revoked
+when the deployment ends.
 
 Within the image, a digest that occurs at several indices is moved once and
 copied locally. A peer that fails or sends a chunk that does not match is
@@ -24,16 +33,19 @@ dropped for the rest of the transfer; its chunks come from elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from rain.distribute.agentclient import AgentClient
 from rain.distribute.methods.base import DeploymentJob, FetchContext
 from rain.distribute.partial import BadChunk, PartialImage, TransferAborted
 from rain.distribute.peer import CHUNK_BY_DIGEST_PATH
@@ -45,6 +57,7 @@ logger = logging.getLogger(__name__)
 OWNER_WAIT_SECONDS = 15.0
 DEFAULT_STALL_SECONDS = 30.0
 MAX_HOLDERS = 8  # nodes caching the image that one plan lists
+GRANT_TIMEOUT = 5.0  # seconds a holder has to agree to serve a deployment
 POLL = 0.25
 
 
@@ -71,14 +84,14 @@ class ChunksCoordinator:
         except (TypeError, ValueError):
             raise InvalidRequest("chunks options max_holders and owner_wait_seconds must be "
                                  "numbers") from None
-        holders = sorted(
-            (s for s in job.server.repo.node_states()
-             if s.up and s.address and job.image.id in s.cached and s.name not in deploying),
-            key=lambda s: s.name)[:max(0, max_holders)]
-        holder_list = [{"name": s.name, "url": s.address.rstrip("/")} for s in holders]
+        candidates = sorted(
+            s.name for s in job.server.repo.node_states()
+             if s.up and s.address and job.image.id in s.cached and s.name not in deploying)
+        holders = authorise_holders(job, candidates[:max(0, max_holders)])
+        holder_list = [{"name": name, "url": url.rstrip("/")} for name, url in holders]
         partners = [{"name": n.name, "url": n.address.rstrip("/")} for n in job.nodes]
-        # Holders are not part of the deployment: the coordinator must let them serve
-        # its chunks with the deployment's peer token (job.state["serve_nodes"]).
+        # Holders are not part of the deployment: they serve its image to its nodes
+        # under a grant for its peer token, revoked in `finish`.
         job.state["serve_nodes"] = [h["name"] for h in holder_list]
         plans: dict[str, dict[str, Any]] = {}
         for i, node in enumerate(job.nodes):
@@ -90,10 +103,43 @@ class ChunksCoordinator:
         return plans
 
     def finish(self, job: DeploymentJob) -> None:
-        return None
+        revoke_holders(job, job.state.get("serve_nodes") or [])
 
     def repo_bytes(self, job: DeploymentJob) -> int:
         return 0  # what the repository sends goes through its HTTP file endpoint
+
+
+def _on_holders(job: DeploymentJob, names: Sequence[str], call: Any,
+                failed: str) -> list[tuple[str, str] | None]:
+    """`call(agent)` on each named node at once: (name, address) where it worked."""
+    def one(name: str) -> tuple[str, str] | None:
+        try:
+            address, key = job.server.repo.agent_endpoint(name)
+            with AgentClient(name, address, key, timeout=GRANT_TIMEOUT,
+                             context=job.server.agent_context) as agent:
+                call(agent)
+            return name, address
+        except Exception as exc:
+            why = exc.message if isinstance(exc, RainError) else repr(exc)
+            job.log(f"chunks: holder {name} {failed}: {why}")
+            return None
+
+    if not names:
+        return []
+    with ThreadPoolExecutor(max_workers=min(len(names), MAX_HOLDERS)) as pool:
+        return list(pool.map(one, names))
+
+
+def authorise_holders(job: DeploymentJob, names: Sequence[str]) -> list[tuple[str, str]]:
+    """The holders (name, address) that agreed to serve the image to the deployment."""
+    agreed = _on_holders(job, names, lambda a: a.grant(job.peer_token, job.image.id),
+                         "left out")
+    return [h for h in agreed if h is not None]
+
+
+def revoke_holders(job: DeploymentJob, names: Sequence[str]) -> None:
+    with contextlib.suppress(Exception):
+        _on_holders(job, names, lambda a: a.revoke(job.peer_token), "kept its grant")
 
 
 # -- the node side --------------------------------------------------------------------------
@@ -132,8 +178,9 @@ class _Peers:
         there now, False if the peer has not got it, None if the peer is dropped.
 
         A deployment partner that refuses the peer token (403) has not had its own
-        request yet: that is "not yet", like 404. A holder that refuses it was never told
-        the token, and is dropped."""
+        request yet: that is "not yet", like 404. A holder agreed to serve the
+        deployment before it was listed: if it refuses now (restarted, image gone), it
+        is dropped."""
         if not self.alive(peer):
             return None
         partial = self.ctx.partial
