@@ -10,6 +10,8 @@ sector that triple-faults under ``-action shutdown=pause``.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from rain.build import boot
 from rain.build.boot import boot_test, run_probe
 from rain.build.builder import make_runner
 from rain.config import Config
-from rain.model.errors import InvalidRequest
+from rain.model.errors import BuildCancelled, InvalidRequest
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
                                 reason="qemu-system-x86 is not installed")
@@ -140,3 +142,17 @@ def test_accel_setting_is_checked(tmp_path: Path) -> None:
     cfg.build.accel = "hvf"
     with pytest.raises(InvalidRequest, match=r"\[build\] accel"):
         make_runner(object(), cfg)  # type: ignore[arg-type]
+
+
+def test_a_cancelled_boot_stops_qemu(tmp_path: Path) -> None:
+    # A disk with no boot code: QEMU would sit in the BIOS until the timeout.
+    blank = tmp_path / "blank.img"
+    blank.write_bytes(b"\0" * (1 << 20))
+    cancel = threading.Event()
+    threading.Timer(2.0, cancel.set).start()
+    with pytest.raises(BuildCancelled):
+        boot_test(blank, fmt="raw", timeout=TIMEOUT, log_path=tmp_path / "c.log",
+                  accel="tcg", cancel=cancel)
+    # running_tool killed QEMU's whole process group on the way out.
+    left = subprocess.run(["pgrep", "-f", str(blank)], capture_output=True, text=True)
+    assert left.stdout.strip() == ""

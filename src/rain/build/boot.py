@@ -52,7 +52,7 @@ from rain.build.chroot import inside_root
 from rain.build.phases import LogFn, log_command
 from rain.build.qmp import RUNNING_STATES, QemuMonitor
 from rain.formats.tool import run_tool, running_tool
-from rain.model.errors import InvalidRequest, ToolFailed
+from rain.model.errors import BuildCancelled, InvalidRequest, ToolFailed
 
 Accel = Literal["kvm", "tcg"]
 AccelSetting = Literal["auto", "kvm", "tcg"]
@@ -135,6 +135,7 @@ def boot_test(
     log_path: Path,
     accel: Accel | AccelSetting | None = None,
     log: LogFn | None = None,
+    cancel: threading.Event | None = None,
 ) -> BootResult:
     """Boot `image` and wait up to `timeout` seconds for `marker` on its serial console.
 
@@ -142,7 +143,8 @@ def boot_test(
     accelerator fails is run again with TCG. Returns ok=False (never raises) when the
     marker does not appear in time, QEMU exits, the guest stops or the console shows a
     fatal boot error; the console log is in `log_path` and in the result either way.
-    Raises `ToolFailed` only when QEMU cannot be started at all.
+    Raises `ToolFailed` only when QEMU cannot be started at all, and `BuildCancelled`
+    (QEMU killed) once `cancel` is set.
     """
     if fmt not in ("qcow2", "raw"):
         raise InvalidRequest(f"boot test supports qcow2 and raw images, not {fmt!r}")
@@ -153,9 +155,9 @@ def boot_test(
         raise InvalidRequest(f"{image} does not exist")
     marker = marker or BOOT_MARKER
     if accel in ("kvm", "tcg"):
-        return _boot(image, fmt, timeout, marker, memory_mb, cpus, log_path, accel, log)
+        return _boot(image, fmt, timeout, marker, memory_mb, cpus, log_path, accel, log, cancel)
     result = _boot(image, fmt, timeout, marker, memory_mb, cpus, log_path,
-                   "kvm" if kvm_usable() else "tcg", log)
+                   "kvm" if kvm_usable() else "tcg", log, cancel)
     if result.accel == "kvm" and result.accel_failed:
         # KVM passed the probe but failed under a real guest (nested virtualisation):
         # this process uses TCG from now on, starting with this boot.
@@ -163,7 +165,8 @@ def boot_test(
         if log is not None:
             log(f"KVM failed under a real boot ({result.reason}); using TCG from now on "
                 "and booting again")
-        result = _boot(image, fmt, timeout, marker, memory_mb, cpus, log_path, "tcg", log)
+        result = _boot(image, fmt, timeout, marker, memory_mb, cpus, log_path, "tcg", log,
+                       cancel)
     return result
 
 
@@ -174,7 +177,8 @@ def _forget_kvm() -> None:
 
 
 def _boot(image: Path, fmt: str, timeout: float, marker: str, memory_mb: int, cpus: int,
-          log_path: Path, accel: Accel, log: LogFn | None) -> BootResult:
+          log_path: Path, accel: Accel, log: LogFn | None,
+          cancel: threading.Event | None = None) -> BootResult:
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_bytes(b"")
@@ -232,7 +236,10 @@ def _boot(image: Path, fmt: str, timeout: float, marker: str, memory_mb: int, cp
                         break
                 if now - started > timeout:
                     break
-                time.sleep(_POLL)
+                if cancel is not None and cancel.wait(_POLL):
+                    raise BuildCancelled("the boot test was cancelled")  # QEMU killed on exit
+                if cancel is None:
+                    time.sleep(_POLL)
             seconds = time.monotonic() - started
             stderr = "\n".join(_stderr_lines(err))
     console_log = (seen + _read_rest(log_path, len(seen))).decode("utf-8", "replace")

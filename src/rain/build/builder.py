@@ -202,7 +202,7 @@ class ImageBuilder:
         with self._phase(progress, "boot-test"):
             result = boot_test(qcow2, fmt="qcow2", timeout=self.boot_timeout,
                                log_path=work / "console.log", accel=self.accel,
-                               log=progress.log)
+                               log=progress.log, cancel=progress.cancelled)
         if not result.ok:
             for line in result.console_log.splitlines()[-CONSOLE_LINES:]:
                 progress.log(f"console: {line}")
