@@ -7,7 +7,7 @@ from rain.catalog.builds import BuildCatalog
 from rain.catalog.db import Database, utcnow
 from rain.catalog.deployments import DeploymentCatalog
 from rain.catalog.images import ImageCatalog, Variant
-from rain.catalog.match import Match, MatchCatalog, Preference, Requirements
+from rain.catalog.match import Match, MatchCatalog, MatchReport, Preference, Requirements
 from rain.catalog.nodes import NodeCatalog
 from rain.catalog.search import ImageQuery
 from rain.catalog.torrents import TorrentCatalog
@@ -31,6 +31,7 @@ __all__ = [
     "Catalog",
     "ImageQuery",
     "Match",
+    "MatchReport",
     "Preference",
     "Requirements",
     "Variant",
