@@ -138,7 +138,7 @@ def test_gc_says_what_the_grace_period_kept_and_how_to_free_it(tmp_path: Path) -
     s = start_server(tmp_path / "srv")
     try:
         env = s.env()
-        img = make_raw(tmp_path / "g.raw", size=8 * 1024**2, seed=43, data_fraction=1.0)  # 32 chunks
+        img = make_raw(tmp_path / "g.raw", size=8 * 1024**2, seed=43, data_fraction=1.0)
         image_id = run_cli("push", str(img), "--name", "to-delete", env=env).stdout.strip()
         run_cli("rm", image_id, env=env)
         r = run_cli("gc", "--data-dir", str(s.data_dir), env=env)
