@@ -7,6 +7,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8480
+# `make run` links $(BINDIR)/rain to this checkout's rain (as root), so a new shell has it.
+BINDIR ?= /usr/local/bin
 
 # Debian packages: the tools rain drives (qemu-img, mke2fs, debootstrap, sfdisk,
 # qemu-system for boot tests, udpcast for multicast deployments, iproute2 for the
@@ -15,10 +17,13 @@ PORT   ?= 8480
 RUN_DEBS  := qemu-utils e2fsprogs openssl debootstrap fdisk qemu-system-x86 udpcast iproute2
 TEST_DEBS := $(RUN_DEBS) postgresql
 
-.PHONY: run test lint deps-run deps-test venv clean bench
+.PHONY: run test lint deps-run deps-test venv link clean bench
 
-run: deps-run venv
+run: deps-run venv link
 	$(BIN)/rain serve --host $(HOST) --port $(PORT)
+
+link: venv
+	@./scripts/link-rain $(BIN)/rain $(BINDIR)
 
 test: deps-test venv lint
 	$(BIN)/python -m pytest -q tests

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,20 +56,49 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
         if key not in known:
             raise InvalidRequest(f"{where}: unknown setting {key!r}")
         current = getattr(obj, key)
-        if isinstance(value, dict):
-            _apply(current, value, f"{where}.{key}")
-        elif isinstance(current, Path):
-            setattr(obj, key, Path(value))
-        elif isinstance(current, bool) and isinstance(value, str):
-            setattr(obj, key, value.lower() in ("1", "true", "yes", "on"))
-        elif isinstance(current, int | float) and not isinstance(current, bool) \
-                and isinstance(value, str):
-            try:
-                setattr(obj, key, type(current)(value))
-            except ValueError:
-                raise InvalidRequest(f"{where}: {key} must be a number, not {value!r}") from None
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise InvalidRequest(f"{where}: {key!r} is a section: write it as [{key}] "
+                                     "with its settings under it")
+            _apply(current, value, f"{where} [{key}]")
+        elif isinstance(value, dict) and not isinstance(current, dict | None):
+            raise InvalidRequest(f"{where}: {key!r} is a setting, not a section ({key} = …)")
         else:
-            setattr(obj, key, value)
+            setattr(obj, key, _converted(current, value, f"{where}: {key}"))
+
+
+def _converted(current: Any, value: Any, what: str) -> Any:
+    """`value` (from TOML or an environment variable) as the type of the default it
+    replaces; a wrong type is one line naming the setting, not a traceback later."""
+    if isinstance(current, Path):
+        if not isinstance(value, str):
+            raise InvalidRequest(f"{what} must be a path, not {value!r}")
+        return Path(value)
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _BOOLEANS:
+            return _BOOLEANS[value.lower()]
+        raise InvalidRequest(f"{what} must be true or false, not {value!r}")
+    if isinstance(current, int | float) and not isinstance(value, bool):
+        kind = type(current)
+        if isinstance(value, int | float) and (kind is float or isinstance(value, int)):
+            return kind(value)
+        if isinstance(value, str):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        raise InvalidRequest(f"{what} must be {'an integer' if kind is int else 'a number'}, "
+                             f"not {value!r}")
+    if isinstance(current, int | float) or (isinstance(current, str)
+                                            and not isinstance(value, str)):
+        raise InvalidRequest(f"{what} must be {type(current).__name__}, not {value!r}")
+    return value
+
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}
 
 
 def load_config(data_dir: str | Path | None = None, db: str | None = None,

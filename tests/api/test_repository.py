@@ -320,7 +320,7 @@ def test_usage_and_match(server: Server, users: dict[str, str], tmp_path: Path) 
                               env=env).stdout)["total"] == 0
     m = json.loads(run_cli("match", "--distro", "debian", "--release", ">=12", "--package",
                            "openmpi-bin>=4", "--prefer", "tag:hpc=2", "--prefer", "popular",
-                           "--json", env=env).stdout)
+                           "--json", env=env).stdout)["matches"]
     assert m[0]["image"]["id"] == image["id"]
     assert any("tag hpc" in r for r in m[0]["reasons"])
     text = run_cli("match", "--distro", "debian", "--prefer", "tag:hpc=2", env=env).stdout

@@ -176,3 +176,32 @@ def test_status_transition_is_compare_and_set(catalog: Catalog) -> None:
     img = catalog.create_image(alice, name="x").id
     assert catalog.transition(img, [ImageStatus.QUEUED], ImageStatus.SAVING)
     assert not catalog.transition(img, [ImageStatus.QUEUED], ImageStatus.SAVING)
+
+
+def test_match_report_says_which_requirement_removed_how_many(catalog: Catalog) -> None:
+    alice = catalog.create_user("alice")
+    for name, release, packages in (("a", "12", {"openmpi-bin": "4.1.4-3"}),
+                                    ("b", "12", {"openmpi-bin": "3.1.3-11"}),
+                                    ("c", "11", {"openmpi-bin": "4.1.4-3"})):
+        active(catalog, alice, name, os_distro="debian", os_release=release, arch="amd64",
+               virtual_size=4 * 2**30, packages=packages)
+    active(catalog, alice, "d", os_distro="ubuntu", os_release="24.04", arch="amd64")
+    req = Requirements(os_distro="debian", release=">=12", arch="amd64",
+                       packages=["openmpi-bin>=4.1"], min_disk=8 * 2**30)
+    report = catalog.match_report(req, [], alice)
+    assert report.matches == []
+    assert report.candidates == 4
+    assert report.to_dict()["eliminated"] == [
+        {"requirement": "os_distro debian", "removed": 1, "left": 3},
+        {"requirement": "release >=12", "removed": 1, "left": 2},
+        {"requirement": "arch amd64", "removed": 0, "left": 2},
+        {"requirement": "min_disk 8G", "removed": 2, "left": 0},
+        {"requirement": "package openmpi-bin>=4.1", "removed": 0, "left": 0},
+    ]
+    found = catalog.match_report(Requirements(os_distro="debian", packages=["openmpi-bin>=4.1"]),
+                                 [], alice)
+    assert sorted(m.image.name for m in found.matches) == ["a", "c"]
+    assert [(e["requirement"], e["removed"]) for e in found.eliminated] == [
+        ("os_distro debian", 1), ("package openmpi-bin>=4.1", 1)]
+    bob = catalog.create_user("bob")  # sees none of alice's private images
+    assert catalog.match_report(req, [], bob).candidates == 0

@@ -237,3 +237,23 @@ def test_known_zeros_give_the_same_image_as_written_zeros(tmp_path: Path, spoole
     if spool is not None:
         spool.close()
         assert (tmp_path / "spool").read_bytes() == plain
+
+
+def test_gc_says_what_the_grace_period_held_and_grace_0_frees_it(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    keep, _ = push(store, image_bytes(8, 8 * CS))
+    drop, stored = push(store, image_bytes(9, 8 * CS))  # a deleted image, just pushed
+    report = collect(store, {keep}, grace_seconds=3600)
+    assert report.chunks_deleted == 0 and report.bytes_freed == 0
+    assert report.chunks_kept == 3  # keep's own
+    assert report.manifests_held == 1 and report.chunks_held == 3  # drop's
+    assert report.bytes_held == stored
+    assert report.held_until is not None
+    assert time.time() + 3600 - 600 < report.held_until <= time.time() + 3600
+    assert report.to_dict()["held_until"].endswith("+00:00")  # ISO 8601, UTC
+    now = collect(store, {keep}, grace_seconds=0)
+    assert now.manifests_deleted == 1 and now.chunks_deleted == 3 and now.bytes_freed > 0
+    assert (now.manifests_held, now.chunks_held, now.bytes_held, now.held_until) == (
+        0, 0, 0, None)
+    with pytest.raises(StoreCorruption):
+        store.get_manifest(drop)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from rain import __version__
 from rain.api import builds, deployments, errors, images, misc, nodes, tracker, users
@@ -20,7 +21,10 @@ def create_app(repository: Repository, build_queue: BuildQueue | None = None,
                schedule: ScheduleConfig | None = None) -> FastAPI:
     """The app; without a build queue, one that cannot build (501) is made; without a
     coordinator, one for a server on loopback; placement by `schedule` (or the defaults)."""
-    app = FastAPI(
+    # /docs and /redoc from files shipped in the fastapi-offline package, not a CDN: they
+    # work on a machine without Internet access. No validator badge (another site).
+    app = FastAPIOffline(
+        static_url="/docs/static", swagger_ui_parameters={"validatorUrl": None},
         title="rain",
         version=__version__,
         description="Virtual machine images: build from templates, push, pull, search, share, "

@@ -176,12 +176,15 @@ def list_images(
     property: Annotated[list[str] | None, Query()] = None,
     package: Annotated[list[str] | None, Query()] = None,
     min_size: str | None = None, max_size: str | None = None,
+    min_virtual_size: str | None = None, max_virtual_size: str | None = None,
     created_after: datetime | None = None, created_before: datetime | None = None,
     unused_for: str | None = None, base: bool | None = None, parent: str | None = None,
     template_digest: str | None = None, sort: str = "-created",
     limit: int = 100, offset: int = 0,
 ) -> dict[str, Any]:
-    """Search images visible to the caller; every filter combines with AND."""
+    """Search images visible to the caller; every filter combines with AND.
+    `min_size`/`max_size` compare the image file's bytes (`size`), `min_virtual_size`/
+    `max_virtual_size` the disk the guest sees (`virtual_size`)."""
     query = ImageQuery.from_params({
         "name": name, "text": q, "owner": owner, "visibility": visibility,
         "status": status or [], "os_distro": os_distro, "os_release": os_release,
@@ -189,6 +192,8 @@ def list_images(
         "properties": _pairs(property or [], "property"), "packages": package or [],
         "min_size": parse_size(min_size) if min_size else None,
         "max_size": parse_size(max_size) if max_size else None,
+        "min_virtual_size": parse_size(min_virtual_size) if min_virtual_size else None,
+        "max_virtual_size": parse_size(max_virtual_size) if max_virtual_size else None,
         "created_after": created_after, "created_before": created_before,
         "unused_for": parse_duration(unused_for) if unused_for else None,
         "base": base, "parent": parent, "template_digest": template_digest,

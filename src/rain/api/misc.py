@@ -54,7 +54,8 @@ def usage(r: Repo, user: Viewer, image: str | None = None, by: str | None = None
 
 @router.post("/match", tags=["images"])
 def match(r: Repo, user: Viewer, body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
-    """Hard `requirements` filter, weighted `preferences` rank; reasons for every score."""
+    """Hard `requirements` filter, weighted `preferences` rank; reasons for every score;
+    `eliminated`: how many candidates each requirement removed, in order."""
     req_in = body.get("requirements") or {}
     unknown = set(req_in) - {"os_distro", "release", "arch", "packages", "min_disk", "tags"}
     if unknown:
@@ -66,11 +67,10 @@ def match(r: Repo, user: Viewer, body: Annotated[dict[str, Any], Body()]) -> dic
         tags=list(req_in.get("tags") or []),
         min_disk=parse_size(str(min_disk)) if min_disk is not None else None)
     prefs = [Preference.parse(str(p)) for p in body.get("preferences") or []]
-    matches = r.match(user, req, prefs, int(body.get("limit", 20)))
-    return {"matches": [m.to_dict() for m in matches]}
+    return r.match(user, req, prefs, int(body.get("limit", 20))).to_dict()
 
 
 @router.post("/gc", tags=["service"])
-def gc(r: Repo, user: Viewer) -> dict[str, int]:
+def gc(r: Repo, user: Viewer) -> dict[str, Any]:
     """Admin only: delete chunks and manifests nothing references (after the grace period)."""
     return r.gc(user).to_dict()

@@ -7,7 +7,7 @@ from rain.catalog.builds import BuildCatalog
 from rain.catalog.db import Database, utcnow
 from rain.catalog.deployments import DeploymentCatalog
 from rain.catalog.images import ImageCatalog, Variant
-from rain.catalog.match import Match, MatchCatalog, Preference, Requirements
+from rain.catalog.match import Match, MatchCatalog, MatchReport, Preference, Requirements
 from rain.catalog.nodes import NodeCatalog
 from rain.catalog.references import ReferenceCatalog, is_id_prefix, unique_prefix
 from rain.catalog.search import ImageQuery
@@ -33,6 +33,7 @@ __all__ = [
     "Catalog",
     "ImageQuery",
     "Match",
+    "MatchReport",
     "Preference",
     "Requirements",
     "Variant",

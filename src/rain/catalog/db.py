@@ -15,10 +15,11 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event, inspect
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, create_engine, event, inspect, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+
+from rain.model.errors import RainError
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -72,6 +73,13 @@ def catalog_exists(url: str) -> bool:
         engine.dispose()
 
 
+def _safe_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (SQLAlchemyError, ValueError):
+        return url.rsplit("@", 1)[-1]
+
+
 def migrate(engine: Engine) -> None:
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
@@ -85,8 +93,15 @@ class Database:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine = make_engine(url)
-        migrate(self.engine)
+        try:
+            self.engine = make_engine(url)
+            migrate(self.engine)
+        except (SQLAlchemyError, ValueError) as exc:
+            # A wrong --db, a server that is down, a file that cannot be written:
+            # one line that names the database, without its password.
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            raise RainError(f"cannot open the catalog database {_safe_url(url)}: "
+                            f"{reason[0] if reason else type(exc).__name__}") from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

@@ -4,11 +4,14 @@ This is VMRC's idea (seed 001): the user describes what they need and gets a
 ranked list with why each image scored what it did — Glance and AMIs only list.
 Score = Σ weight × satisfaction, satisfaction in [0, 1]; numeric preferences
 (newest, popular, smallest) are min–max normalised over the candidates.
+When few or none match, `MatchReport.eliminated` says which requirement removed
+how many of the images the caller can see, applied one after another.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rain.catalog.search import ImageQuery, SearchCatalog
@@ -16,6 +19,9 @@ from rain.catalog.versions import VersionConstraint
 from rain.model import Image, InvalidRequest, User
 
 NUMERIC_PREFS = {"newest", "popular", "smallest"}
+# One requirement in the elimination count: its label, then the query and the
+# release test with it and every requirement before it.
+Step = tuple[str, ImageQuery, Callable[[Image], bool]]
 
 
 @dataclass
@@ -52,6 +58,17 @@ class Match:
     def to_dict(self) -> dict[str, Any]:
         return {"image": self.image.to_dict(), "score": round(self.score, 4),
                 "reasons": self.reasons}
+
+
+@dataclass
+class MatchReport:
+    matches: list[Match]
+    candidates: int  # active images the caller may see, before any requirement
+    eliminated: list[dict[str, Any]]  # {"requirement", "removed", "left"}, in order
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"matches": [m.to_dict() for m in self.matches], "candidates": self.candidates,
+                "eliminated": self.eliminated}
 
 
 def _is_number(text: str) -> bool:
@@ -129,8 +146,69 @@ class MatchCatalog(SearchCatalog):
                        tags=list(req.tags), min_virtual_size=req.min_disk, status=["active"],
                        limit=1000)
         images, _ = self.search(q, viewer)
+        release = _release_test(req.release)
+        return rank([i for i in images if release(i)], prefs)[:limit]
+
+    def match_report(self, req: Requirements, prefs: list[Preference], viewer: User | None,
+                     limit: int = 20) -> MatchReport:
+        """The matches, and how many candidates each requirement removed."""
+        matches = self.match(req, prefs, viewer, limit)
+        everything = ImageQuery(status=["active"], limit=1000)
+        left = candidates = self._count(everything, _any_release, viewer)
+        eliminated = []
+        for label, q, release in self._steps(req, everything):
+            now = self._count(q, release, viewer)
+            eliminated.append({"requirement": label, "removed": left - now, "left": now})
+            left = now
+        return MatchReport(matches, candidates, eliminated)
+
+    @staticmethod
+    def _steps(req: Requirements, q: ImageQuery) -> list[Step]:
+        """The requirements, one `Step` each, in the order they are counted."""
+        steps: list[Step] = []
+        release: Callable[[Image], bool] = _any_release
+        if req.os_distro:
+            q = replace(q, os_distro=req.os_distro)
+            steps.append((f"os_distro {req.os_distro}", q, release))
         if req.release:
-            text = req.release if req.release[:1] in "<>=!" else f"=={req.release}"
-            c = VersionConstraint.parse("release" + text)
-            images = [i for i in images if i.os_release and c.satisfied_by(i.os_release)]
-        return rank(images, prefs)[:limit]
+            release = _release_test(req.release)
+            steps.append((f"release {req.release}", q, release))
+        if req.arch:
+            q = replace(q, arch=req.arch)
+            steps.append((f"arch {req.arch}", q, release))
+        if req.min_disk is not None:
+            q = replace(q, min_virtual_size=req.min_disk)
+            steps.append((f"min_disk {_size_label(req.min_disk)}", q, release))
+        for tag in req.tags:
+            q = replace(q, tags=[*q.tags, tag])
+            steps.append((f"tag {tag}", q, release))
+        for package in req.packages:
+            q = replace(q, packages=[*q.packages, package])
+            steps.append((f"package {package}", q, release))
+        return steps
+
+    def _count(self, q: ImageQuery, release: Callable[[Image], bool],
+               viewer: User | None) -> int:
+        if release is _any_release:
+            return self.search(replace(q, limit=1), viewer)[1]
+        images, _ = self.search(q, viewer)  # release ranges are compared here, not in SQL
+        return sum(1 for i in images if release(i))
+
+
+def _any_release(_image: Image) -> bool:
+    return True
+
+
+def _release_test(text: str | None) -> Callable[[Image], bool]:
+    """`12`, `>=11`, `<13`: a test of an image's os_release."""
+    if not text:
+        return _any_release
+    c = VersionConstraint.parse("release" + (text if text[:1] in "<>=!" else f"=={text}"))
+    return lambda i: bool(i.os_release) and c.satisfied_by(i.os_release)
+
+
+def _size_label(n: int) -> str:
+    for unit, factor in (("T", 1024**4), ("G", 1024**3), ("M", 1024**2), ("K", 1024)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return f"{n} bytes"

@@ -53,9 +53,10 @@ class ImageQuery:
     tags: list[str] = field(default_factory=list)
     properties: dict[str, str] = field(default_factory=dict)
     packages: list[str] = field(default_factory=list)
-    min_size: int | None = None
+    min_size: int | None = None  # the image file's bytes (`size`)
     max_size: int | None = None
-    min_virtual_size: int | None = None
+    min_virtual_size: int | None = None  # the disk the guest sees (`virtual_size`)
+    max_virtual_size: int | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
     unused_for: timedelta | None = None
@@ -151,9 +152,11 @@ class SearchCatalog:
             stmt = stmt.where(ImageRow.size >= q.min_size)
         if q.max_size is not None:
             stmt = stmt.where(ImageRow.size <= q.max_size)
+        disk = func.coalesce(ImageRow.virtual_size, ImageRow.size)  # raw: the same
         if q.min_virtual_size is not None:
-            stmt = stmt.where(func.coalesce(ImageRow.virtual_size, ImageRow.size)
-                              >= q.min_virtual_size)
+            stmt = stmt.where(disk >= q.min_virtual_size)
+        if q.max_virtual_size is not None:
+            stmt = stmt.where(disk <= q.max_virtual_size)
         if q.created_after is not None:
             stmt = stmt.where(ImageRow.created >= q.created_after)
         if q.created_before is not None:

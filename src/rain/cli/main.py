@@ -3,6 +3,7 @@ repository directly; all others talk to a server through `rain.client`."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,9 +13,12 @@ import typer
 from rain.cli import agent as agent_cmd
 from rain.cli import builds, testbed, users
 from rain.cli import deploy as deploy_cmd
+from rain.cli.errors import run as run_app
+from rain.cli.listen import check_listen_address, check_tls
 from rain.cli.options import DataDir, Db, Json, Token, Url, client
 from rain.cli.output import (
     err,
+    gc_held,
     human,
     image_detail,
     image_table,
@@ -23,6 +27,7 @@ from rain.cli.output import (
     transfer_progress,
 )
 from rain.client import Client
+from rain.client.client import image_file_size
 from rain.model.errors import ImageRebuilding, RainError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -31,6 +36,29 @@ admin_app = typer.Typer(no_args_is_help=True, help="Repository administration (d
 app.add_typer(admin_app, name="admin")
 app.add_typer(testbed.app, name="testbed")
 
+
+def _print_version(value: bool) -> None:
+    """This rain's version; with RAIN_URL set, also the server's (never an error)."""
+    if not value:
+        return
+    from rain import __version__
+
+    print(f"rain {__version__}")
+    if os.environ.get("RAIN_URL"):
+        try:
+            with Client(timeout=3.0) as c:
+                print(f"server {c.url}: rain {c.health().get('version', '?')}")
+        except RainError as exc:
+            print(f"server {os.environ['RAIN_URL']}: {exc.message}")
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version,
+        help="Print rain's version (and the server's, with RAIN_URL set) and exit")] = False,
+             ) -> None:
+    """rain: build, store, share and deploy virtual machine images."""
 
 
 def _client(url: str | None, token: str | None) -> Client:
@@ -61,7 +89,7 @@ def _open_repo(data_dir: Path | None, db: str | None, *, create: bool = False) -
 # -- server side ----------------------------------------------------------------
 @app.command()
 def serve(host: Annotated[str | None, typer.Option(help="Listen address")] = None,
-          port: Annotated[int | None, typer.Option(help="Listen port")] = None,
+          port: Annotated[int | None, typer.Option(help="Listen port", min=1, max=65535)] = None,
           data_dir: DataDir = None, db: Db = None,
           server: Annotated[str, typer.Option(
               help="native (default) | uvicorn (pure ASGI, slower transfers)")] = "native",
@@ -75,6 +103,17 @@ def serve(host: Annotated[str | None, typer.Option(help="Listen address")] = Non
     if server not in ("native", "uvicorn"):
         raise RainError(f"unknown server {server!r}: use native or uvicorn")
     cfg, repo = _open_repo(data_dir, db, create=True)
+    host = host or cfg.server.host
+    port = port or cfg.server.port
+    if tls_cert:
+        cfg.server.tls_cert = str(tls_cert)
+    if tls_key:
+        cfg.server.tls_key = str(tls_key)
+    if cfg.server.tls_cert or cfg.server.tls_key:
+        if not (cfg.server.tls_cert and cfg.server.tls_key):
+            raise RainError("give both --tls-cert and --tls-key ([server] tls_cert and tls_key)")
+        check_tls(cfg.server.tls_cert, cfg.server.tls_key)
+    check_listen_address(host, port)
     token = repo.bootstrap_admin()
     if token:
         token_file = cfg.data_dir / "admin.token"
@@ -82,12 +121,6 @@ def serve(host: Annotated[str | None, typer.Option(help="Listen address")] = Non
         token_file.chmod(0o600)
         err.print(f"created user 'admin'; its token (also in {token_file}):")
         print(token, flush=True)
-    host = host or cfg.server.host
-    port = port or cfg.server.port
-    if tls_cert or tls_key:
-        if not (tls_cert and tls_key):
-            raise RainError("give both --tls-cert and --tls-key")
-        cfg.server.tls_cert, cfg.server.tls_key = str(tls_cert), str(tls_key)
     scheme = "https" if cfg.server.tls_cert else "http"
     err.print(f"rain serving on {scheme}://{host}:{port} (data: {cfg.data_dir}, catalog: "
               f"{cfg.db_url.split('@')[-1]})")
@@ -117,7 +150,9 @@ def create_user(name: str, admin: Annotated[bool, typer.Option("--admin")] = Fal
 
 @app.command()
 def gc(data_dir: DataDir = None, db: Db = None,
-       grace: Annotated[float | None, typer.Option(help="Grace period in seconds")] = None,
+       grace: Annotated[float | None, typer.Option(
+           help="Keep unreferenced data younger than this many seconds [default: [repo] "
+           "gc_grace_seconds, 6 h]; 0 frees it all now (only while no upload runs)")] = None,
        json: Json = False) -> None:
     """Delete chunks no image references (older than the grace period)."""
     _, repo = _open_repo(data_dir, db)
@@ -129,7 +164,9 @@ def gc(data_dir: DataDir = None, db: Db = None,
                   f"{report['manifests_deleted']} manifests, {report.get('packs_deleted', 0)} "
                   f"packs; repacked {report.get('packs_repacked', 0)} packs "
                   f"({human(report.get('bytes_repacked', 0))}); kept {report['chunks_kept']} "
-                  "chunks")
+                  "chunks that images use")
+        if report.get("held_until"):
+            out.print(gc_held(report), markup=False, highlight=False)
 
 
 # -- client side -----------------------------------------------------------------
@@ -150,10 +187,9 @@ def push(file: Path, name: Annotated[str, typer.Option("--name", help="Image nam
          base: Annotated[bool, typer.Option("--base", help="Mark as a base image")] = False,
          url: Url = None, token: Token = None, json: Json = False) -> None:
     """Upload an image file; prints the new image id."""
-    if not file.is_file():
-        raise RainError(f"{file}: no such file")
+    size = image_file_size(file)
     c = _client(url, token)
-    with transfer_progress(f"push {file.name}", file.stat().st_size) as progress:
+    with transfer_progress(f"push {file.name}", size) as progress:
         image = c.push(file, name=name, version=version, description=description,
                        os_distro=os_distro, os_release=os_release, arch=arch,
                        visibility=visibility, tags=tag or [], properties=_pairs(prop, "property"),
@@ -217,8 +253,15 @@ def images(name: Annotated[str | None, typer.Option(help="Name or glob")] = None
            prop: Annotated[list[str] | None, typer.Option("--property", help="K=V")] = None,
            package: Annotated[list[str] | None, typer.Option(
                "--package", help="e.g. 'nginx>=1.22'")] = None,
-           min_size: Annotated[str | None, typer.Option("--min-size")] = None,
-           max_size: Annotated[str | None, typer.Option("--max-size")] = None,
+           min_size: Annotated[str | None, typer.Option(
+               "--min-size", help="Disk size the guest sees (virtual size), e.g. 1G")] = None,
+           max_size: Annotated[str | None, typer.Option(
+               "--max-size", help="Disk size the guest sees (virtual size)")] = None,
+           min_file_size: Annotated[str | None, typer.Option(
+               "--min-file-size", help="Bytes of the image file (a qcow2 is smaller than its"
+               " disk)")] = None,
+           max_file_size: Annotated[str | None, typer.Option(
+               "--max-file-size", help="Bytes of the image file")] = None,
            created_after: Annotated[str | None, typer.Option("--created-after")] = None,
            created_before: Annotated[str | None, typer.Option("--created-before")] = None,
            unused_for: Annotated[str | None, typer.Option(
@@ -233,7 +276,8 @@ def images(name: Annotated[str | None, typer.Option(help="Name or glob")] = None
     result = _client(url, token).images(
         name=name, q=q, owner=owner, visibility=visibility, status=status, os_distro=os_distro,
         os_release=os_release, arch=arch, disk_format=disk_format, tag=tag, property=prop,
-        package=package, min_size=min_size, max_size=max_size, created_after=created_after,
+        package=package, min_virtual_size=min_size, max_virtual_size=max_size,
+        min_size=min_file_size, max_size=max_file_size, created_after=created_after,
         created_before=created_before, unused_for=unused_for,
         base=None if base is None else str(base).lower(), sort=sort, limit=limit, offset=offset)
     if json:
@@ -337,12 +381,14 @@ def match(os_distro: Annotated[str | None, typer.Option("--os-distro", "--distro
     """Rank the images that meet hard requirements by weighted preferences."""
     req = {k: v for k, v in {"os_distro": os_distro, "release": release, "arch": arch,
                              "packages": package, "tags": tag, "min_disk": min_disk}.items() if v}
-    matches = _client(url, token).match(req, prefer or [], limit)
+    report = _client(url, token).match_report(req, prefer or [], limit)
+    matches = report["matches"]
     if json:
-        print_json(matches)
+        print_json(report)
         return
     if not matches:
-        err.print("no image meets the requirements")
+        err.print(f"no image meets the requirements: {_eliminated(report)}", markup=False,
+                  highlight=False)
         return
     for rank, m in enumerate(matches, 1):
         i = m["image"]
@@ -350,6 +396,16 @@ def match(os_distro: Annotated[str | None, typer.Option("--os-distro", "--distro
                   f"  {i['id']}  score {m['score']:.2f}")
         for reason in m["reasons"]:
             out.print(f"     {reason}")
+
+
+def _eliminated(report: dict[str, Any]) -> str:
+    """`of 14 images you can see, os_distro debian removed 2, …, package x>=1 the last 8`."""
+    if not report.get("candidates"):
+        return "you can see no active image"
+    steps = [e for e in report.get("eliminated") or [] if e["removed"]]
+    said = [f"{e['requirement']} removed {'the last ' if not e['left'] else ''}{e['removed']}"
+            for e in steps]
+    return f"of {report['candidates']} images you can see, " + ", ".join(said)
 
 
 @app.command()
@@ -399,17 +455,7 @@ app.command()(builds.pedigree)
 
 
 def main() -> None:
-    try:
-        app()
-    except RainError as exc:
-        err.print(f"rain: error: {exc.message}", markup=False, highlight=False)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        err.print("rain: interrupted")
-        sys.exit(130)
-    except OSError as exc:
-        err.print(f"rain: error: {exc}", markup=False, highlight=False)
-        sys.exit(1)
+    sys.exit(run_app(app))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 from rich.console import Console
@@ -29,19 +30,30 @@ def human(n: int | None) -> str:
     return str(n)
 
 
+def gc_held(report: dict[str, Any]) -> str:
+    """What only gc's grace period kept, until when, and how to free it now."""
+    until = datetime.fromisoformat(report["held_until"]).astimezone()
+    hours = float(report.get("grace_seconds") or 0) / 3600
+    return (f"held for the grace period ({hours:g} h): {human(report.get('bytes_held'))} in "
+            f"{report.get('chunks_held', 0)} chunks no image uses (deleted images, unfinished "
+            f"uploads), until {until:%Y-%m-%d %H:%M %Z}; `rain gc --grace 0` frees them now "
+            "(only while no upload runs)")
+
+
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def image_table(images: list[dict[str, Any]], total: int | None = None) -> None:
     table = Table(show_edge=False, header_style="bold")
-    for col in ("ID", "NAME", "VERSION", "OS", "ARCH", "FORMAT", "SIZE", "STORED", "VISIBILITY",
-                "STATUS", "OWNER"):
+    for col in ("ID", "NAME", "VERSION", "OS", "ARCH", "FORMAT", "DISK", "FILE", "STORED",
+                "VISIBILITY", "STATUS", "OWNER"):
         table.add_column(col, overflow="fold")
     for i in images:
         os_name = " ".join(x for x in (i.get("os_distro"), i.get("os_release")) if x)
         table.add_row(i["id"][:8], i["name"], i.get("version") or "", os_name,
-                      i.get("arch") or "", i.get("disk_format") or "", human(i.get("size")),
+                      i.get("arch") or "", i.get("disk_format") or "",
+                      human(i.get("virtual_size") or i.get("size")), human(i.get("size")),
                       human(i.get("stored_bytes")), i["visibility"], i["status"], i["owner"])
     out.print(table)
     if total is not None and total > len(images):

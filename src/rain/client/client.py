@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import ssl
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,11 @@ Progress = Callable[[int], None]
 class Client(BuildCalls, NodeCalls, DeployCalls, UserCalls):
     def __init__(self, url: str | None = None, token: str | None = None, *,
                  timeout: float = 300.0, sparse: bool = True, ca: str | None = None) -> None:
-        self.url = (url or os.environ.get("RAIN_URL") or DEFAULT_URL).rstrip("/")
+        self.url = server_url(url or os.environ.get("RAIN_URL") or DEFAULT_URL)
         # A CA bundle for an https server with a private certificate (RAIN_CA).
         ca = ca or os.environ.get("RAIN_CA") or None
         self.context = ssl.create_default_context(cafile=ca) if ca else None
-        self.token = token if token is not None else os.environ.get("RAIN_TOKEN")
+        self.token = api_token(token if token is not None else os.environ.get("RAIN_TOKEN"))
         self.timeout = timeout
         # Leave zero chunks out of image transfers when the server agrees (rain.model.sparse).
         self.sparse = sparse
@@ -88,8 +89,7 @@ class Client(BuildCalls, NodeCalls, DeployCalls, UserCalls):
              **meta: Any) -> dict[str, Any]:
         """Create the record and upload the data; returns the active image."""
         path = Path(path)
-        if not path.is_file():
-            raise RainError(f"{path}: no such file")
+        image_file_size(path)
         image = self.create_image(name=name, **{k: v for k, v in meta.items() if v is not None})
         return self.upload(image["id"], path, disk_format=disk_format, progress=progress,
                            phase=phase)
@@ -134,6 +134,10 @@ class Client(BuildCalls, NodeCalls, DeployCalls, UserCalls):
                                 context=self.context, phase=phase, converting=bool(format))
             reply = got.reply
             _raise_for_reply(reply.status, reply.body)
+            sent = reply.headers.get("x-rain-disk-format")
+            if format and sent and sent != format and (format, sent) != ("raw", "iso"):
+                raise RainError(f"asked for {ref} as {format}, the server sent {sent}; "
+                                "nothing was written")
             expected = reply.headers.get("x-rain-sha256", "")
             if not got.complete:
                 length = reply.headers.get("content-length", "?")
@@ -190,8 +194,13 @@ class Client(BuildCalls, NodeCalls, DeployCalls, UserCalls):
 
     def match(self, requirements: dict[str, Any], preferences: list[str],
               limit: int = 20) -> list[dict[str, Any]]:
+        return list(self.match_report(requirements, preferences, limit)["matches"])
+
+    def match_report(self, requirements: dict[str, Any], preferences: list[str],
+                     limit: int = 20) -> dict[str, Any]:
+        """`matches`, and `eliminated`: how many candidates each requirement removed."""
         body = {"requirements": requirements, "preferences": preferences, "limit": limit}
-        return list(self._request("POST", "/v1/match", json=body)["matches"])
+        return dict(self._request("POST", "/v1/match", json=body))
 
     def usage(self, image: str | None = None, user: str | None = None) -> dict[str, Any]:
         params = {k: v for k, v in {"image": image, "by": user}.items() if v}
@@ -213,6 +222,60 @@ class Client(BuildCalls, NodeCalls, DeployCalls, UserCalls):
 
     def health(self) -> dict[str, Any]:
         return dict(self._request("GET", "/v1/health"))
+
+
+def image_file_size(path: Path) -> int:
+    """The size of a file that can be pushed; what is wrong with it otherwise (checked
+    before an image record is created for it)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise RainError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise RainError(f"{path}: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise RainError(f"{path}: is a directory; push a disk image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise RainError(f"{path}: not a regular file (a device, pipe or socket); push a disk "
+                        "image file, e.g. one written by qemu-img")
+    if st.st_size == 0:
+        raise RainError(f"{path}: is empty (0 bytes); an image needs at least one byte")
+    return st.st_size
+
+
+def server_url(text: str) -> str:
+    """The server's base URL, checked here so that a typo is one clear error, not a
+    traceback from deep inside the HTTP library on the first request."""
+    hint = "expected e.g. http://127.0.0.1:8480 or https://repo.example:8480"
+    try:
+        parsed = httpx.URL(text.strip())
+    except httpx.InvalidURL as exc:
+        raise RainError(f"bad server URL {text!r} ({exc}): {hint}") from None
+    if parsed.scheme not in ("http", "https"):
+        why = f"scheme {parsed.scheme!r} is not http or https" if parsed.scheme else "no scheme"
+        raise RainError(f"bad server URL {text!r} ({why}): {hint}")
+    if not parsed.host:
+        raise RainError(f"bad server URL {text!r} (no host): {hint}")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise RainError(f"bad server URL {text!r} (port {parsed.port} is not 1-65535): {hint}")
+    if parsed.query or parsed.fragment:
+        raise RainError(f"bad server URL {text!r} (a query or fragment has no place in it): "
+                        f"{hint}")
+    return text.strip().rstrip("/")
+
+
+def api_token(token: str | None) -> str | None:
+    """A token as given, less surrounding whitespace (a pasted newline); refused when it
+    holds characters no token has, which could not go into an HTTP header anyway.
+    The token itself is never echoed: it is a secret."""
+    if token is None:
+        return None
+    token = token.strip()
+    if token and not all("!" <= ch <= "~" for ch in token):
+        raise RainError("the API token (--token or RAIN_TOKEN) holds spaces, control or "
+                        "non-ASCII characters; tokens are printable ASCII, e.g. as in "
+                        "var/admin.token")
+    return token or None
 
 
 def _raise_for(resp: httpx.Response) -> None:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from rain.catalog import Catalog, ImageQuery, Match, Preference, Requirements, utcnow
+from rain.catalog import Catalog, ImageQuery, MatchReport, Preference, Requirements, utcnow
 from rain.formats import ToolLimits
 from rain.model import (
     Conflict,
@@ -149,9 +149,9 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, 
         return self.catalog.search(query, viewer)
 
     def match(self, viewer: User | None, req: Requirements,
-              prefs: list[Preference], limit: int = 20) -> list[Match]:
+              prefs: list[Preference], limit: int = 20) -> MatchReport:
         self._require_read(viewer)
-        return self.catalog.match(req, prefs, viewer, limit)
+        return self.catalog.match_report(req, prefs, viewer, limit)
 
     def _require_read(self, viewer: User | None) -> None:
         refuse_node(viewer)
@@ -274,8 +274,10 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, 
         image = self.readable_image(viewer, ref)
         manifest_id = self.catalog.manifest_id(image.id)
         assert manifest_id and image.disk_format
-        if fmt is None or fmt == image.disk_format or {fmt, image.disk_format} == {
-                DiskFormat.RAW, DiskFormat.ISO}:
+        # An ISO image is raw bytes, so it can be pulled as raw; a raw disk is no ISO 9660
+        # image, so asking for iso goes on to the converter, which refuses it.
+        if fmt is None or fmt == image.disk_format or (
+                fmt == DiskFormat.RAW and image.disk_format == DiskFormat.ISO):
             manifest = self.store.get_manifest(manifest_id)
             return Download(image, manifest, image.disk_format, manifest.sha256, manifest.size)
         variant = variant_for(self.catalog, self.store, image, manifest_id, fmt, self.work_dir)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 import zstandard
 
@@ -47,16 +49,34 @@ class GcReport:
     bytes_repacked: int = 0  # live bytes copied into new packs
     packs_kept: int = 0
     corrupt_chunks: int = 0  # found while repacking; that pack is left as it is
+    # What only the grace period kept: no live image needs it, but it is younger than
+    # `grace_seconds` (a deleted image's data, an upload in progress or abandoned).
+    grace_seconds: float = 0.0
+    manifests_held: int = 0
+    chunks_held: int = 0
+    bytes_held: int = 0  # their stored bytes (rows, loose chunks and packs without rows)
+    held_until: float | None = None  # when the youngest of them is old enough to go
 
-    def to_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.__dict__)
+        if self.held_until is not None:
+            out["held_until"] = datetime.fromtimestamp(self.held_until, UTC).isoformat(
+                timespec="seconds")
+        return out
+
+    def hold(self, mtime: float, nbytes: int = 0, *, chunk: bool = True) -> None:
+        self.chunks_held += chunk
+        self.bytes_held += nbytes
+        until = mtime + self.grace_seconds
+        self.held_until = until if self.held_until is None else max(self.held_until, until)
 
 
 def collect(store: ChunkStore, live_manifests: set[str], *, grace_seconds: float,
             repack_below: float = REPACK_BELOW) -> GcReport:
-    report = GcReport()
+    report = GcReport(grace_seconds=grace_seconds)
     cutoff = time.time() - grace_seconds
     referenced: set[bytes] = set()
+    young: dict[str, float] = {}  # not live, but may belong to a commit in progress
     for mid, info in list(store.list_manifests()):
         if mid in live_manifests:
             continue
@@ -64,25 +84,36 @@ def collect(store: ChunkStore, live_manifests: set[str], *, grace_seconds: float
             store.delete_manifest(mid)
             report.manifests_deleted += 1
         else:
-            live_manifests = live_manifests | {mid}  # young: may belong to a commit in progress
-    for mid in live_manifests:
-        try:
+            young[mid] = info.mtime
+    held: dict[bytes, float] = {}  # chunks only young manifests need → the newest one's mtime
+    try:
+        for mid in live_manifests:
             referenced |= store.get_manifest(mid).unique_digests()
-        except StoreCorruption:
-            # Never delete chunks because a manifest could not be read: that would
-            # turn one corrupt object into a lost image.
-            return report
+        for mid, mtime in young.items():
+            for digest in store.get_manifest(mid).unique_digests() - referenced:
+                held[digest] = max(held.get(digest, 0.0), mtime)
+    except StoreCorruption:
+        # Never delete chunks because a manifest could not be read: that would
+        # turn one corrupt object into a lost image.
+        return report
+    report.manifests_held = len(young)
+    for mtime in young.values():
+        report.hold(mtime, chunk=False)
     dead: list[bytes] = []
-    for digest, _, touched in store.index.rows():
+    for digest, loc, touched in store.index.rows():
         if digest in referenced:
             report.chunks_kept += 1
-        elif touched < cutoff:
+        elif digest in held or touched >= cutoff:
+            report.hold(max(touched, held.get(digest, 0.0)), loc.stored)
+        else:
             dead.append(digest)
     report.chunks_deleted += store.index.delete_untouched(dead, cutoff)
     for digest, info in list(store.list_loose_chunks()):
         if digest in referenced:
             report.chunks_kept += 1
-        elif info.mtime < cutoff:
+        elif digest in held or info.mtime >= cutoff:
+            report.hold(max(info.mtime, held.get(digest, 0.0)), info.size)
+        else:
             store.delete_chunk(digest)
             report.chunks_deleted += 1
             report.bytes_freed += info.size
@@ -107,6 +138,8 @@ def _collect_packs(store: ChunkStore, cutoff: float, repack_below: float,
                 report.bytes_freed += info.size
             else:
                 report.packs_kept += 1
+                if info.mtime >= cutoff:
+                    report.hold(info.mtime, info.size, chunk=False)
         elif live < repack_below * info.size:
             _repack(store, pack, info.size, report)
         else:
