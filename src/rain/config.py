@@ -17,6 +17,7 @@ from rain.build.config import BuildConfig
 from rain.distribute.config import DistributeConfig, PrefetchConfig
 from rain.model.errors import InvalidRequest
 from rain.repo.config import RepoConfig
+from rain.sandbox.config import SandboxConfig
 from rain.store.chunks import StoreConfig
 
 DEFAULT_PORT = 8480
@@ -39,6 +40,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     repo: RepoConfig = field(default_factory=RepoConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
 

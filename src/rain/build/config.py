@@ -25,3 +25,7 @@ class BuildConfig:
     boot_test: bool = True
     # Seconds the boot test waits for the image's boot marker (TCG is slow).
     boot_timeout: float = 180.0
+    # Keyring the mirror's InRelease must be signed with (packages are fetched on the host).
+    keyring: str = "/usr/share/keyrings/debian-archive-keyring.gpg"
+    # Most bytes of .debs one package step may download (a template cannot ask for the archive).
+    max_download_bytes: int = 4 * 1024**3

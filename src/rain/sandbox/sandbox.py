@@ -83,12 +83,13 @@ class Sandbox:
 
     def __init__(self, root: Path | str, *, config: SandboxConfig | None = None,
                  binds: Sequence[Bind] = (), hostname: str = "localhost",
-                 log: LogFn | None = None) -> None:
+                 log: LogFn | None = None, cancel: Cancel | None = None) -> None:
         self.root = Path(os.path.realpath(root))
         self.config = config or SandboxConfig()
         self.binds = tuple(binds)
         self.hostname = hostname
         self.log = log
+        self.cancel = cancel  # the default for every run (a build's cancel)
         self._tree: ImageTree | None = None
         self._described = False
 
@@ -104,6 +105,14 @@ class Sandbox:
         if self._tree is not None:
             self._tree.close()
             self._tree = None
+
+    def with_binds(self, *binds: Bind) -> Sandbox:
+        """The same sandbox with more read-only binds (valid inside this one's with block)."""
+        sibling = Sandbox(self.root, config=self.config, binds=(*self.binds, *binds),
+                          hostname=self.hostname, log=self.log, cancel=self.cancel)
+        sibling._tree = self.tree
+        sibling._described = self._described
+        return sibling
 
     @property
     def tree(self) -> ImageTree:
@@ -123,7 +132,9 @@ class Sandbox:
 
         The command sees only `env` over a minimal environment (PATH, HOME,
         LC_ALL=C.UTF-8). `timeout` defaults to ``config.timeout``. `cancel`
-        (an Event, or a callable returning True) is polled ten times a second.
+        (an Event, or a callable returning True; default: the sandbox's) is
+        polled ten times a second; once set, the run's whole process tree is
+        killed and `StepCancelled` raised.
         """
         if isinstance(argv, str | bytes) or not argv:
             raise TypeError("Sandbox.run takes a non-empty argv list, never a shell string")
@@ -144,7 +155,8 @@ class Sandbox:
             "rlimits": run_cgroups.rlimits,
         }
         try:
-            outcome = _launch(spec, run_cgroups, input=input, timeout=limit, cancel=cancel)
+            outcome = _launch(spec, run_cgroups, input=input, timeout=limit,
+                              cancel=self.cancel if cancel is None else cancel)
         finally:
             run_cgroups.remove()
         out = outcome.stdout.decode("utf-8", "replace")
