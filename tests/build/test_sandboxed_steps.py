@@ -20,33 +20,22 @@ from pathlib import Path
 
 import pytest
 
-from rain.build.disk import DiskInfo, copy_disk, open_disk
+from rain.build.disk import open_disk
 from rain.build.distros import mounts_under
 from rain.build.distros.debian import POLICY_RC_D, DebianInstaller, _no_daemons, installed_packages
 from rain.formats.tool import ToolExitError
 from rain.model.errors import InvalidImage
 from rain.sandbox import Sandbox
+from tests.sandbox.conftest import processes_with
 
-from .conftest import loop_devices_of, release_everything
+from .conftest import loop_devices_of
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def module_disk(base_disk: DiskInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    copy = tmp_path_factory.mktemp("steps") / "disk.raw"
-    copy_disk(base_disk.path, copy)
-    try:
-        yield copy
-    finally:
-        leaked = release_everything(copy)
-        copy.unlink(missing_ok=True)
-        assert leaked == []
-
-
 @pytest.fixture
-def root(module_disk: Path) -> Iterator[Path]:
-    with open_disk(module_disk) as mounted:
+def root(disk_copy: Path) -> Iterator[Path]:
+    with open_disk(disk_copy) as mounted:
         yield mounted
 
 
@@ -60,19 +49,6 @@ def host(tmp_path: Path) -> Path:
     (d / "status").write_text("Package: host-only\nStatus: install ok installed\n"
                               "Version: 1\n")
     return d
-
-
-def _processes_with(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if text in cmdline:
-                found.append(int(entry.name))
-    return found
 
 
 def _host_mounts_below(root: Path) -> list[Path]:
@@ -119,7 +95,7 @@ def test_run_has_no_network_and_leaves_nothing_running(root: Path) -> None:
         assert "Temporary failure resolving" in out or "Could not resolve" in out, out
         assert "Hit:" not in out and "Get:" not in out, out
         assert sandbox.shell("sleep 3201 & echo started") == "started\n"
-    assert _processes_with("sleep 3201") == []
+    assert processes_with("sleep 3201") == []
     assert _host_mounts_below(root) == []
 
 
@@ -208,7 +184,7 @@ def test_a_symlinked_parent_loop_fails_cleanly(root: Path) -> None:
         saved.rename(sbin)
 
 
-def test_cleanup_on_sigterm(module_disk: Path, tmp_path: Path) -> None:
+def test_cleanup_on_sigterm(disk_copy: Path, tmp_path: Path) -> None:
     script = tmp_path / "hold.py"
     script.write_text(
         "import sys\n"
@@ -218,11 +194,11 @@ def test_cleanup_on_sigterm(module_disk: Path, tmp_path: Path) -> None:
         "with open_disk(Path(sys.argv[1])) as root, Sandbox(root) as sandbox:\n"
         "    sandbox.run(['sleep', '3202'])\n"
     )
-    proc = subprocess.Popen([sys.executable, str(script), str(module_disk)],
+    proc = subprocess.Popen([sys.executable, str(script), str(disk_copy)],
                             stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
-        while not _processes_with("sleep 3202"):
+        while not processes_with("sleep 3202"):
             assert time.monotonic() < deadline, "the sandboxed command never started"
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             time.sleep(0.05)
@@ -233,7 +209,7 @@ def test_cleanup_on_sigterm(module_disk: Path, tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     deadline = time.monotonic() + 10
-    while _processes_with("sleep 3202") and time.monotonic() < deadline:
+    while processes_with("sleep 3202") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _processes_with("sleep 3202") == []
-    assert loop_devices_of(module_disk) == []
+    assert processes_with("sleep 3202") == []
+    assert loop_devices_of(disk_copy) == []

@@ -31,6 +31,20 @@ BINARIES = (
 IMAGE_BYTES = 768 * 1024**2
 
 
+def processes_with(text: str) -> list[int]:
+    """Host processes whose command line contains `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("sandbox tests need root (loop devices, namespaces, idmapped mounts)")

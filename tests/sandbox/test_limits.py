@@ -15,25 +15,14 @@ from rain.formats.tool import ToolExitError
 from rain.model.errors import ToolFailed
 from rain.sandbox import Sandbox, SandboxConfig, StepCancelled, cgroups
 
+from .conftest import processes_with
+
 pytestmark = pytest.mark.integration
-
-
-def _processes_with(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if text in cmdline:
-                found.append(int(entry.name))
-    return found
 
 
 def _gone(text: str, within: float = 10.0) -> bool:
     deadline = time.monotonic() + within
-    while _processes_with(text):
+    while processes_with(text):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
@@ -114,7 +103,7 @@ def test_a_killed_server_leaves_nothing_behind(image_root: Path, tmp_path: Path)
                             stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
-        while not _processes_with("sleep 3146"):
+        while not processes_with("sleep 3146"):
             assert time.monotonic() < deadline, "the sandboxed command never started"
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             time.sleep(0.05)

@@ -45,7 +45,8 @@ import signal
 import socket
 import struct
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from rain.sandbox import syscalls as sc
 
@@ -103,6 +104,17 @@ def report(fd: int, message: dict[str, Any]) -> None:
     os.write(fd, (json.dumps(message) + "\n").encode())
 
 
+def in_child(status_fd: int, body: Callable[[], None]) -> NoReturn:
+    """Run a forked child's `body`; report why it failed; never return into the parent's code."""
+    try:
+        body()
+    except SetupError as exc:
+        report(status_fd, {"error": str(exc), "kind": exc.kind})
+    except BaseException as exc:
+        report(status_fd, {"error": f"sandbox setup failed: {exc}", "kind": "host"})
+    os._exit(1)
+
+
 # -- the launcher (host root) ---------------------------------------------------
 
 def launch(spec: dict[str, Any], status_fd: int) -> None:
@@ -115,13 +127,7 @@ def launch(spec: dict[str, Any], status_fd: int) -> None:
     devices = {name: sc.open_tree(f"/dev/{name}", sc.OPEN_TREE_CLONE) for name in DEVICES}
     pid = os.fork()
     if pid == 0:
-        try:
-            enter(spec, status_fd, userns, tree, binds, devices)
-        except SetupError as exc:
-            report(status_fd, {"error": str(exc), "kind": exc.kind})
-        except BaseException as exc:
-            report(status_fd, {"error": f"sandbox setup failed: {exc}", "kind": "host"})
-        os._exit(1)
+        in_child(status_fd, lambda: enter(spec, status_fd, userns, tree, binds, devices))
     for fd in (rootfd, userns, tree, *(b for b, _ in binds), *devices.values()):
         os.close(fd)
     os.waitpid(pid, 0)
@@ -246,13 +252,7 @@ def enter(spec: dict[str, Any], status_fd: int, userns: int, tree: int,
     pid = os.fork()
     if pid == 0:
         os.close(held)
-        try:
-            init(spec, status_fd, tree, binds, devices, lifeline)
-        except SetupError as exc:
-            report(status_fd, {"error": str(exc), "kind": exc.kind})
-        except BaseException as exc:
-            report(status_fd, {"error": f"sandbox setup failed: {exc}", "kind": "host"})
-        os._exit(1)
+        in_child(status_fd, lambda: init(spec, status_fd, tree, binds, devices, lifeline))
     os.waitpid(pid, 0)
     os._exit(0)
 
