@@ -161,3 +161,13 @@ def test_without_cgroups_rlimits_stand_in() -> None:
     assert sorted(run.rlimits) == [("RLIMIT_AS", 1 << 30, 1 << 30), ("RLIMIT_CPU", 120, 121),
                                    ("RLIMIT_NPROC", 99, 99)]
     assert run.applied["memory"].startswith("RLIMIT_AS")
+
+
+def test_sandbox_settings_come_from_the_config(tmp_path: Path) -> None:
+    from rain.config import load_config
+
+    (tmp_path / "rain.toml").write_text("[sandbox]\nprocesses = 64\ncpus = 2\n")
+    cfg = load_config(tmp_path, env={"RAIN_SANDBOX__MEMORY_BYTES": "1073741824"})
+    assert (cfg.sandbox.processes, cfg.sandbox.cpus, cfg.sandbox.memory_bytes) == (
+        64, 2, 1 << 30)
+    assert cfg.sandbox.id_base == SandboxConfig().id_base
