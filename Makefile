@@ -14,7 +14,8 @@ BINDIR ?= /usr/local/bin
 # qemu-system for boot tests, udpcast for multicast deployments, iproute2 for the
 # testbed's namespaces and tc). The test suite also needs a PostgreSQL server to run
 # the catalog tests against.
-RUN_DEBS  := qemu-utils e2fsprogs openssl debootstrap fdisk qemu-system-x86 udpcast iproute2
+RUN_DEBS  := qemu-utils e2fsprogs openssl debootstrap fdisk qemu-system-x86 udpcast iproute2 \
+             extlinux gpgv debian-archive-keyring
 TEST_DEBS := $(RUN_DEBS) postgresql
 
 .PHONY: run test lint deps-run deps-test venv link clean bench

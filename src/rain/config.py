@@ -18,6 +18,7 @@ from rain.catalog.db import catalog_exists
 from rain.distribute.config import DistributeConfig, PrefetchConfig
 from rain.model.errors import InvalidRequest, NotFound
 from rain.repo.config import RepoConfig
+from rain.sandbox.config import SandboxConfig
 from rain.schedule.config import ScheduleConfig
 from rain.store.chunks import StoreConfig
 
@@ -41,6 +42,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     repo: RepoConfig = field(default_factory=RepoConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

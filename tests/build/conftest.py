@@ -6,7 +6,8 @@ the key covers the release and the source of the modules that decide its
 content; a later run (or `make test`) reuses it. Tests never modify it: they
 open it read-only or work on a sparse copy. Downloaded packages are cached in
 ``.pytest_cache/d/rain-debootstrap`` (debootstrap) and
-``.pytest_cache/d/rain-apt-archives`` (apt inside the chroot).
+``.pytest_cache/d/rain-apt-archives`` (indexes and .debs rain fetches on the host
+for apt in the sandbox).
 
 Every fixture that attaches loop devices or mounts checks on the way out that
 none of its own is left, and removes what it can if a test left some. Only its
@@ -31,16 +32,19 @@ import pytest
 import rain.build.boot
 import rain.build.disk
 import rain.build.distros.debian
-from rain.build.chroot import Chroot
+import rain.build.distros.debian_archive
 from rain.build.disk import DiskInfo, copy_disk, disk_info, make_disk
 from rain.build.distros import unmount_under
 from rain.build.distros.debian import DebianInstaller
 from rain.build.phases import PhaseTimer
+from rain.sandbox import Sandbox
 
 RELEASE = "bookworm"
 BASE_SIZE = 2 * 1024**3
-_KEY_SOURCES = (rain.build.disk, rain.build.distros.debian, rain.build.boot)
-_REQUIRED_TOOLS = ("debootstrap", "sfdisk", "mke2fs", "losetup", "qemu-system-x86_64")
+_KEY_SOURCES = (rain.build.disk, rain.build.distros.debian, rain.build.distros.debian_archive,
+                rain.build.boot)
+_REQUIRED_TOOLS = ("debootstrap", "sfdisk", "mke2fs", "losetup", "qemu-system-x86_64",
+                   "extlinux", "gpgv")
 
 
 def _which(tool: str) -> str | None:
@@ -50,7 +54,7 @@ def _which(tool: str) -> str | None:
 def require_image_tools() -> None:
     """Skip (with the reason) where real image builds cannot run at all."""
     if os.geteuid() != 0:
-        pytest.skip("building images needs root (loop devices, mounts, chroot)")
+        pytest.skip("building images needs root (loop devices, mounts, namespaces)")
     missing = [tool for tool in _REQUIRED_TOOLS if _which(tool) is None]
     if missing:
         pytest.skip(f"missing tools: {', '.join(missing)} (make test installs them)")
@@ -99,16 +103,17 @@ def build_base_disk(
     out: Path, *, debootstrap_cache: Path, apt_cache: Path, work: Path
 ) -> tuple[DiskInfo, dict[str, float]]:
     """Bootstrap, boot packages, clean, disk: the from-scratch path, timed per phase."""
-    installer = DebianInstaller()
+    installer = DebianInstaller(cache=apt_cache)
     timer = PhaseTimer()
     root = work / "root"
     try:
         with timer.phase("bootstrap"):
             installer.bootstrap(root, RELEASE, "amd64", cache_dir=debootstrap_cache)
-        with timer.phase("boot packages"), Chroot(root, apt_cache=apt_cache) as chroot:
-            installer.install(chroot, installer.boot_packages("amd64", release=RELEASE))
-            installer.configure_boot(chroot)
-            installer.clean(chroot)
+        with timer.phase("boot packages"), Sandbox(root) as sandbox:
+            installer.install(sandbox, installer.boot_packages("amd64", release=RELEASE),
+                              release=RELEASE, arch="amd64")
+            installer.configure_boot(sandbox)
+            installer.clean(sandbox)
         with timer.phase("disk"):
             info = make_disk(root, out, BASE_SIZE)
     finally:

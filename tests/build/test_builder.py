@@ -172,6 +172,36 @@ def test_pulling_a_purged_image_rebuilds_it(server: Server, tmp_path: Path) -> N
     assert before["sha256"] in after["properties"]["rain.previous_sha256"]
 
 
+def test_a_template_trying_to_escape_is_contained(server: Server, tmp_path: Path) -> None:
+    # What the old build chroot let a run: line do: write the host's files through
+    # /proc/N/root, change the host's name, reach a service on the host's loopback.
+    planted = tmp_path / "escaped"
+    before = os.uname().nodename
+    tpl = tmp_path / "escape.yaml"
+    tpl.write_text(
+        "name: escape-attempt\nfrom: debian/bookworm\nrun:\n"
+        f"  - for p in /proc/[0-9]*; do echo pwned > $p/root{planted}; done; true\n"
+        "  - hostname pwned-by-template || true\n"
+        f"  - bash -c 'echo x > /dev/tcp/127.0.0.1/{server.url.rsplit(':', 1)[1]}' 2>/dev/null"
+        " && echo reached > /etc/reached-host || true\n"
+    )
+    build = _build(server, tpl)
+    assert build["status"] == "succeeded"
+    assert not planted.exists()
+    assert os.uname().nodename == before
+    log = Client(server.url, server.token).build_status(build["id"])["log"]
+    assert "sandbox: root is host uid" in log and "no network" in log
+    c = Client(server.url, server.token)
+    raw = tmp_path / "escape.raw"
+    c.pull(build["image_id"], raw, format="raw")
+    listing = subprocess.run(["sfdisk", "--json", str(raw)], capture_output=True, text=True,
+                             check=True)
+    offset = json.loads(listing.stdout)["partitiontable"]["partitions"][0]["start"] * 512
+    etc = subprocess.run(["debugfs", "-R", "ls /etc", f"{raw}?offset={offset}"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "reached-host" not in etc
+
+
 def test_a_boot_that_never_finishes_fails_the_build(server: Server, templates: Path,
                                                    tmp_path: Path) -> None:
     stop_server(server.proc)  # same data (base image, caches), a boot limit no image meets

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from rain.build.boot import BOOT_MARKER, MARKER_UNIT, boot_test
-from rain.build.chroot import Chroot
 from rain.build.disk import DiskInfo, disk_info, open_disk, write_boot_config
 from rain.build.distros.debian import DHCP_NETWORK_FILE, DebianInstaller, installed_packages
 from rain.model.errors import InvalidImage, InvalidRequest
+from rain.sandbox import Sandbox
 
 from .conftest import loop_devices_of
 
@@ -85,14 +85,14 @@ def test_base_disk_is_clean_and_boots(base_disk: DiskInfo, tmp_path: Path) -> No
 def test_grown_copy_gets_a_package_and_boots(
     disk_copy: Path, base_disk: DiskInfo, apt_cache: Path, tmp_path: Path
 ) -> None:
-    installer = DebianInstaller()
+    installer = DebianInstaller(cache=apt_cache)
     bigger = base_disk.size + GIB
     started = time.monotonic()
     with open_disk(disk_copy, grow_to=bigger) as root:
         assert os.statvfs(root).f_blocks * os.statvfs(root).f_frsize > base_disk.partition_size
-        with Chroot(root, apt_cache=apt_cache) as chroot:
-            installer.install(chroot, ["hello"])
-            installer.clean(chroot)
+        with Sandbox(root) as sandbox:
+            installer.install(sandbox, ["hello"], release="bookworm", arch="amd64")
+            installer.clean(sandbox)
         assert "hello" in installed_packages(root)
         assert (root / "usr/bin/hello").is_file()
     print(f"\ngrow + install hello + clean: {time.monotonic() - started:.1f} s")
@@ -110,11 +110,12 @@ def test_grown_copy_gets_a_package_and_boots(
 
 
 def test_unknown_names_are_one_line_errors(disk_copy: Path, apt_cache: Path) -> None:
-    installer = DebianInstaller()
-    with open_disk(disk_copy) as root, Chroot(root, apt_cache=apt_cache) as chroot:
+    installer = DebianInstaller(cache=apt_cache)
+    with open_disk(disk_copy) as root, Sandbox(root) as sandbox:
         before = installed_packages(root)
         with pytest.raises(InvalidRequest) as error:
-            installer.install(chroot, ["hello", "rain-no-such-package"])
+            installer.install(sandbox, ["hello", "rain-no-such-package"], release="bookworm",
+                              arch="amd64")
         message = str(error.value)
         assert "\n" not in message
         assert "'rain-no-such-package'" in message
@@ -122,15 +123,16 @@ def test_unknown_names_are_one_line_errors(disk_copy: Path, apt_cache: Path) -> 
         assert installed_packages(root) == before  # nothing installed
 
         with pytest.raises(InvalidRequest) as error:
-            installer.install(chroot, ["hello=0.0-no-such-version"])
+            installer.install(sandbox, ["hello=0.0-no-such-version"], release="bookworm",
+                              arch="amd64")
         assert "'hello=0.0-no-such-version'" in str(error.value)
 
         with pytest.raises(InvalidRequest) as error:
-            installer.enable_services(chroot, ["systemd-networkd", "rain-no-such-unit"], [])
+            installer.enable_services(sandbox, ["systemd-networkd", "rain-no-such-unit"], [])
         assert str(error.value) == (
             "unknown service 'rain-no-such-unit.service' (no such unit file in the image)"
         )
-        installer.enable_services(chroot, [], ["getty@tty1"])  # template instances are known
+        installer.enable_services(sandbox, [], ["getty@tty1"])  # template instances are known
 
 
 def test_wrong_root_uuid_fails_and_keeps_the_console(disk_copy: Path, tmp_path: Path) -> None:

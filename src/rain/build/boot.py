@@ -48,11 +48,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from rain.build.chroot import inside_root
 from rain.build.phases import LogFn, log_command
 from rain.build.qmp import RUNNING_STATES, QemuMonitor
 from rain.formats.tool import run_tool, running_tool
 from rain.model.errors import BuildCancelled, InvalidRequest, ToolFailed
+from rain.sandbox.tree import ImageTree
 
 Accel = Literal["kvm", "tcg"]
 AccelSetting = Literal["auto", "kvm", "tcg"]
@@ -346,20 +346,19 @@ def _probe_kvm(timeout: float) -> bool:
     return run_probe("kvm", timeout)
 
 
-def install_boot_marker(root: Path) -> None:
+def install_boot_marker(root: Path | ImageTree) -> None:
     """Put `MARKER_UNIT` into the image at `root`, enabled for multi-user.target.
 
-    Plain files, no systemctl: works on any systemd image without entering it.
+    Plain files, no systemctl: works on any systemd image without entering it. The
+    writes go through `ImageTree`, so links planted in the image resolve inside it.
     """
-    units = inside_root(root, "/etc/systemd/system")
-    units.mkdir(parents=True, exist_ok=True)
-    (units / MARKER_UNIT).write_text(_MARKER_UNIT_TEXT)
-    wants = units / "multi-user.target.wants"
-    wants.mkdir(exist_ok=True)
-    link = wants / MARKER_UNIT
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(f"/etc/systemd/system/{MARKER_UNIT}")
+    if not isinstance(root, ImageTree):
+        with ImageTree(root) as tree:
+            install_boot_marker(tree)
+        return
+    units = "/etc/systemd/system"
+    root.write_text(f"{units}/{MARKER_UNIT}", _MARKER_UNIT_TEXT)
+    root.symlink(f"{units}/multi-user.target.wants/{MARKER_UNIT}", f"{units}/{MARKER_UNIT}")
 
 
 def _qemu_escape(value: str) -> str:

@@ -15,14 +15,17 @@ A build walks the template's pedigree from its root:
    of its own, so the pedigree is a chain of `parent` links and a later build
    of a sibling template starts from it — a *template hit* on the parent):
    **install** (grow the disk, packages, files, services, `run:` lines,
-   clean-up, in a `Chroot` whose mounts cannot outlive it), **compress** (raw →
+   clean-up, every command in a `rain.sandbox.Sandbox`: an unprivileged
+   user namespace with no network, its own /proc and /dev, and limits;
+   files written through its symlink-safe `ImageTree`), **compress** (raw →
    qcow2), **boot-test** (QEMU, no network, the boot marker on ttyS0 within
    the time limit; a failed boot fails the build and its console log goes to
    the build log), **upload**.
 
 Every phase is timed and reported (`BuildProgress.timing`): that is the
 breakdown of the FutureGrid paper's figures 6 and 7. Package downloads are
-cached in ``DATA_DIR/cache/apt`` and debootstrap's in
+made on the host, verified against the signed index, cached in
+``DATA_DIR/cache/apt`` (sandboxes see them read-only) and debootstrap's in
 ``DATA_DIR/cache/debootstrap``, shared by all builds.
 """
 
@@ -41,10 +44,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from rain.build.boot import ACCEL_SETTINGS, AccelSetting, boot_test
-from rain.build.chroot import Chroot
 from rain.build.disk import copy_disk, make_disk, open_disk
 from rain.build.distros import DistroInstaller, unmount_under
-from rain.build.distros.debian import DebianInstaller
+from rain.build.distros.debian import DebianInstaller, installed_packages
 from rain.build.jobs import BuildProgress
 from rain.build.request import BuildRequest, chain_digests, resolve_digest
 from rain.build.template import BaseRef, Template
@@ -53,6 +55,7 @@ from rain.model import DiskFormat, Image, ImageStatus, InvalidRequest, RainError
 from rain.model.errors import Unsupported
 from rain.repo import Repository
 from rain.repo.convert import materialize
+from rain.sandbox import Sandbox, SandboxConfig
 
 if TYPE_CHECKING:
     from rain.config import Config
@@ -73,26 +76,32 @@ def make_runner(repo: Repository, config: Config) -> ImageBuilder:
     if config.build.accel not in ACCEL_SETTINGS:
         raise InvalidRequest(f"[build] accel = {config.build.accel!r}: use "
                              f"{', '.join(ACCEL_SETTINGS)}")
-    for tool in ("debootstrap", "mke2fs", "sfdisk", "losetup", "qemu-img", "unshare"):
+    for tool in ("debootstrap", "mke2fs", "sfdisk", "losetup", "qemu-img", "extlinux", "gpgv"):
         if shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin") is None:
             raise Unsupported(f"image builds need {tool}, which is not installed")
-    return ImageBuilder(repo, Path(config.data_dir), boot_test=config.build.boot_test,
-                        boot_timeout=config.build.boot_timeout,
-                        accel=cast(AccelSetting, config.build.accel))
+    b = config.build
+    return ImageBuilder(repo, Path(config.data_dir), boot_test=b.boot_test,
+                        boot_timeout=b.boot_timeout, sandbox=config.sandbox,
+                        keyring=b.keyring, max_download_bytes=b.max_download_bytes,
+                        accel=cast(AccelSetting, b.accel))
 
 
 class ImageBuilder:
     """`BuildRunner` for Debian templates (one installer per distribution)."""
 
     def __init__(self, repo: Repository, data_dir: Path, *, boot_test: bool = True,
-                 boot_timeout: float = 180.0, accel: AccelSetting = "auto") -> None:
+                 boot_timeout: float = 180.0, sandbox: SandboxConfig | None = None,
+                 keyring: str | None = None, max_download_bytes: int = 4 * 1024**3,
+                 accel: AccelSetting = "auto") -> None:
         self.repo = repo
-        self.installers: dict[str, DistroInstaller] = {"debian": DebianInstaller()}
         self.boot_test = boot_test
         self.boot_timeout = boot_timeout
         self.accel: AccelSetting = accel
+        self.sandbox = sandbox or SandboxConfig()
         cache = Path(data_dir).absolute() / "cache"
         self.apt_cache = cache / "apt"
+        self.installers: dict[str, DistroInstaller] = {"debian": DebianInstaller(
+            cache=self.apt_cache, keyring=keyring, max_download_bytes=max_download_bytes)}
         self.debootstrap_cache = cache / "debootstrap"
         self.disk_cache = cache / "disks"
         self.work = Path(data_dir).absolute() / "tmp" / "builds"
@@ -157,22 +166,23 @@ class ImageBuilder:
         size = max(template.size, raw.stat().st_size)
         with (self._phase(progress, "install"),
               open_disk(raw, grow_to=size, log=progress.log) as root,
-              Chroot(root, apt_cache=self.apt_cache, log=progress.log) as chroot):
+              Sandbox(root, config=self.sandbox, log=progress.log,
+                      cancel=progress.cancelled) as sandbox):
             try:
-                installer.install(chroot, list(template.packages))  # holds the apt cache lock
+                installer.install(sandbox, list(template.packages), release=release,
+                                  arch=template.arch)
             except InvalidRequest as exc:
                 raise InvalidRequest(_at_line(template, exc.message)) from None
             for path, content in template.files:
-                target = chroot.path(path)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(content)
-            installer.enable_services(chroot, list(template.services_enable),
+                # A regular file at that path inside the image (a symlink there is replaced).
+                sandbox.tree.write_text(path, content)
+            installer.enable_services(sandbox, list(template.services_enable),
                                       list(template.services_disable))
             for line in template.run:
                 progress.log(f"run: {line}")
-                chroot.shell(line)
-            installer.clean(chroot)
-            packages = installer.installed_packages(root)
+                sandbox.shell(line)
+            installer.clean(sandbox)
+            packages = installed_packages(sandbox.tree)
         qcow2, boot = self._finish_disk(raw, progress, work)
         with self._phase(progress, "upload"):
             if rebuild_of is not None:
@@ -232,11 +242,13 @@ class ImageBuilder:
                                  "(minbase) from the mirror apt is configured with")
                     installer.bootstrap(tree, ref.release, root.arch,
                                         cache_dir=self.debootstrap_cache)
-                    with Chroot(tree, apt_cache=self.apt_cache, log=progress.log) as chroot:
-                        installer.install(chroot, installer.boot_packages(
-                            root.arch, release=ref.release))
-                        installer.configure_boot(chroot)
-                        installer.clean(chroot)
+                    with Sandbox(tree, config=self.sandbox, log=progress.log,
+                                 cancel=progress.cancelled) as sandbox:
+                        installer.install(sandbox, installer.boot_packages(
+                            root.arch, release=ref.release), release=ref.release,
+                            arch=root.arch)
+                        installer.configure_boot(sandbox)
+                        installer.clean(sandbox)
                     packages = installer.installed_packages(tree)
                 with self._phase(progress, "disk"):
                     make_disk(tree, raw, BASE_SIZE, log=progress.log)

@@ -28,3 +28,7 @@ class BuildConfig:
     # QEMU accelerator of boot tests: "auto" (KVM when a probe shows it boots guests, TCG
     # otherwise, and TCG for good once KVM fails a real boot), "kvm" or "tcg".
     accel: str = "auto"
+    # Keyring the mirror's InRelease must be signed with (packages are fetched on the host).
+    keyring: str = "/usr/share/keyrings/debian-archive-keyring.gpg"
+    # Most bytes of .debs one package step may download (a template cannot ask for the archive).
+    max_download_bytes: int = 4 * 1024**3

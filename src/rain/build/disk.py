@@ -7,9 +7,12 @@ copy through a mounted filesystem, and its features come from rain's own
 mke2fs configuration, not the build host's ``/etc/mke2fs.conf`` (a newer host
 must not produce a filesystem an older guest kernel cannot mount).
 
-Bootloader: EXTLINUX (syslinux), the image's own copy, installed from inside
-the image (`Chroot` with just the loop device in /dev), plus syslinux's
-``mbr.bin`` in the first 440 bytes of the disk. It was picked over GRUB
+Bootloader: EXTLINUX (syslinux), installed by the *host's* ``extlinux``
+(the Debian package, trusted like the rest of the host; never a binary from
+the image, which would run as host root with the loop device) onto a
+``/boot/extlinux`` checked to be a real directory of the image, plus the
+image's syslinux ``mbr.bin`` (440 bytes of data copied into the disk's
+first sector, never run on the host). It was picked over GRUB
 because its configuration never needs regenerating: ``extlinux.conf`` loads
 ``/vmlinuz`` and ``/initrd.img``, the symlinks Debian's kernel packages keep
 pointing at the newest kernel and initramfs, so a kernel installed by a later
@@ -24,6 +27,12 @@ point of a later build (the base-image cache): it grows the file, the
 partition (sfdisk) and the filesystem (e2fsck + resize2fs), loop-mounts it and
 always unmounts and detaches it when the block ends, on error too. The root
 UUID never changes, so the boot configuration stays valid.
+
+A disk may be a stranger's (a pushed image built on with ``from: image:``):
+it is checked with ``e2fsck -f -p`` before every read-write mount (the host
+kernel parses the filesystem; a checked one is a smaller attack surface),
+mounted ``nodev,nosuid`` (a device node planted in it opens nothing on the
+host), and every file rain touches in it goes through `ImageTree`.
 """
 
 from __future__ import annotations
@@ -31,19 +40,24 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import signal
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 import uuid as uuidlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
-from rain.build.chroot import Chroot, inside_root, sigterm_raises
 from rain.build.phases import LogFn, log_command, log_output
 from rain.formats.tool import ToolExitError, run_tool
 from rain.model.errors import InvalidImage, InvalidRequest, ToolFailed
+from rain.sandbox import ImageTree
+from rain.sandbox.syscalls import RESOLVE_IN_ROOT, RESOLVE_NO_SYMLINKS, RESOLVE_NO_XDEV, openat2
 
 SECTOR = 512
 PARTITION_START = 2048  # sectors: 1 MiB, aligned
@@ -60,6 +74,7 @@ MBR_CANDIDATES: tuple[str, ...] = (
     "/usr/share/syslinux/mbr.bin",  # Fedora
 )
 EXTLINUX_CANDIDATES: tuple[str, ...] = ("/usr/bin/extlinux", "/usr/sbin/extlinux", "/sbin/extlinux")
+HOST_TOOLS = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 TOOL_TIMEOUT = 600.0
 # Ext4 as Debian 12 makes it: mountable by Linux >= 3.18, e2fsprogs >= 1.43 and
 # every bootloader in use (no orphan_file or metadata_csum_seed of newer hosts).
@@ -120,7 +135,8 @@ def make_disk(
         )
     root_uuid = str(uuidlib.UUID(root_uuid)) if root_uuid else str(uuidlib.uuid4())
     write_boot_config(rootfs, root_uuid, kernel_args=kernel_args)
-    mbr = _mbr_code(rootfs)
+    with ImageTree(rootfs) as tree:
+        mbr = _mbr_code(tree)
 
     tmp = out.with_name(f".{out.name}.part")
     tmp.unlink(missing_ok=True)
@@ -159,11 +175,8 @@ def make_disk(
             )
         with sigterm_raises(), attach_loop(tmp, log=log) as loop:
             part = _partition_device(loop)
-            with (
-                _mounted(part, readonly=False, log=log) as mnt,
-                Chroot(mnt, devices=[loop, part], log=log) as chroot,
-            ):
-                chroot.run([_extlinux(mnt), "--install", BOOT_DIR], timeout=TOOL_TIMEOUT)
+            with _mounted(part, readonly=False, log=log) as mnt:
+                install_extlinux(mnt, log=log)
         with open(tmp, "r+b") as f:
             f.write(mbr)
         os.replace(tmp, out)
@@ -196,13 +209,11 @@ def open_disk(
     with sigterm_raises(), attach_loop(raw, readonly=readonly, log=log) as loop:
         part = _partition_device(loop)
         if grown:
-            # Offline resize wants a freshly checked filesystem; exit 1 = fixed.
-            result = _tool(["e2fsck", "-f", "-p", part], log, check=False)
-            if result.returncode not in (0, 1):
-                raise InvalidImage(
-                    f"{raw}: e2fsck found errors it could not fix (exit {result.returncode})"
-                )
+            # Offline resize wants a freshly checked filesystem.
+            _check_filesystem(raw, part, log)
             _tool(["resize2fs", part], log)
+        if not readonly and not grown:
+            _check_filesystem(raw, part, log)
         with _mounted(part, readonly=readonly, log=log) as mnt:
             yield mnt
             if not readonly:
@@ -250,45 +261,75 @@ def write_boot_config(
     for arg in kernel_args:
         if not arg or any(c.isspace() for c in arg):
             raise InvalidRequest(f"invalid kernel argument {arg!r}")
-    fstab = inside_root(root, "/etc/fstab")
-    kept: list[str] = []
-    if fstab.is_file():
-        for line in fstab.read_text(encoding="utf-8", errors="replace").splitlines():
-            fields = line.split()
-            if fields and not fields[0].startswith("#") and len(fields) > 1 and fields[1] == "/":
-                continue
-            if line.strip() and not line.startswith("# UNCONFIGURED FSTAB"):
-                kept.append(line)
-    root_line = f"UUID={root_uuid} / ext4 errors=remount-ro 0 1"
-    fstab.write_text("\n".join([root_line, *kept]) + "\n")
-
-    boot = inside_root(root, BOOT_DIR)
-    boot.mkdir(parents=True, exist_ok=True)
-    append = " ".join([f"root=UUID={root_uuid}", *kernel_args])
-    (boot / "extlinux.conf").write_text(
-        "# Written by rain: /vmlinuz and /initrd.img follow kernel upgrades.\n"
-        "SERIAL 0 115200\n"
-        "DEFAULT linux\n"
-        "PROMPT 0\n"
-        "TIMEOUT 10\n"
-        "LABEL linux\n"
-        f"  LINUX {KERNEL}\n"
-        f"  INITRD {INITRD}\n"
-        f"  APPEND {append}\n"
-    )
+    with ImageTree(root) as tree:
+        kept: list[str] = []
+        if tree.is_file("/etc/fstab"):
+            for line in tree.read_text("/etc/fstab", limit=1024**2).splitlines():
+                fields = line.split()
+                if fields and not fields[0].startswith("#") and len(fields) > 1 \
+                        and fields[1] == "/":
+                    continue
+                if line.strip() and not line.startswith("# UNCONFIGURED FSTAB"):
+                    kept.append(line)
+        root_line = f"UUID={root_uuid} / ext4 errors=remount-ro 0 1"
+        tree.write_text("/etc/fstab", "\n".join([root_line, *kept]) + "\n")
+        append = " ".join([f"root=UUID={root_uuid}", *kernel_args])
+        tree.write_text(
+            f"{BOOT_DIR}/extlinux.conf",
+            "# Written by rain: /vmlinuz and /initrd.img follow kernel upgrades.\n"
+            "SERIAL 0 115200\n"
+            "DEFAULT linux\n"
+            "PROMPT 0\n"
+            "TIMEOUT 10\n"
+            "LABEL linux\n"
+            f"  LINUX {KERNEL}\n"
+            f"  INITRD {INITRD}\n"
+            f"  APPEND {append}\n",
+        )
 
 
 def check_bootable(root: Path) -> None:
-    """Raise `InvalidImage` unless `root` holds a kernel, an initramfs and EXTLINUX."""
-    for link, what in ((KERNEL, "kernel"), (INITRD, "initramfs")):
-        target = _resolve_inside(root, link)
-        if target is None or not target.is_file():
+    """Raise `InvalidImage` unless `root` holds a kernel, an initramfs and EXTLINUX.
+
+    Links are followed as the booted system follows them: inside the image.
+    """
+    with ImageTree(root) as tree:
+        for link, what in ((KERNEL, "kernel"), (INITRD, "initramfs")):
+            if not tree.is_file(link):
+                raise InvalidImage(
+                    f"the image has no {what} at {link}; install the distribution's boot "
+                    "packages"
+                )
+        if not any(tree.is_file(p) for p in EXTLINUX_CANDIDATES):
             raise InvalidImage(
-                f"the image has no {what} at {link}; install the distribution's boot packages"
-            )
-    if not any(inside_root(root, p).is_file() for p in EXTLINUX_CANDIDATES):
-        raise InvalidImage("the image has no extlinux; install the distribution's boot packages")
-    _mbr_code(root)
+                "the image has no extlinux; install the distribution's boot packages")
+        _mbr_code(tree)
+
+
+def install_extlinux(mnt: Path, *, log: LogFn | None = None) -> None:
+    """The host's ``extlinux --install`` into the mounted image's /boot/extlinux.
+
+    The directory is checked to be the image's own (no symlink on the way,
+    no mount crossed) right before: nothing else runs on the tree then, and
+    extlinux writes only inside it and to the partition's boot sector.
+    """
+    extlinux = shutil.which("extlinux", path=HOST_TOOLS)
+    if extlinux is None:
+        raise ToolFailed("extlinux is not installed on this host (apt-get install extlinux)",
+                         tool="extlinux")
+    with ImageTree(mnt) as tree:
+        tree.mkdir(BOOT_DIR)
+    root = os.open(mnt, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        boot = openat2(root, BOOT_DIR.lstrip("/"), os.O_PATH | os.O_DIRECTORY,
+                       RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV)
+        os.close(boot)
+    except OSError as exc:
+        raise InvalidImage(f"{BOOT_DIR} in the image must be a plain directory "
+                           f"({exc.strerror})") from None
+    finally:
+        os.close(root)
+    _tool([extlinux, "--install", str(Path(mnt) / BOOT_DIR.lstrip("/"))], log)
 
 
 def copy_disk(src: Path, dst: Path, *, log: LogFn | None = None) -> None:
@@ -343,7 +384,7 @@ def _detach(loop: str, log: LogFn | None) -> None:
 def _mounted(device: str, *, readonly: bool, log: LogFn | None) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="rain-disk-") as tmp:
         mnt = Path(tmp)
-        options = "ro,noload" if readonly else "rw"
+        options = "ro,noload,nodev,nosuid" if readonly else "rw,nodev,nosuid"
         _tool(["mount", "-t", "ext4", "-o", options, device, str(mnt)], log)
         try:
             yield mnt
@@ -396,42 +437,46 @@ def _partition_device(loop: str, timeout: float = 10.0) -> str:
     return part
 
 
-def _mbr_code(root: Path) -> bytes:
+def _mbr_code(tree: ImageTree) -> bytes:
     for candidate in MBR_CANDIDATES:
-        path = inside_root(root, candidate)
-        if path.is_file():
-            code = path.read_bytes()
+        if tree.is_file(candidate):
+            code = tree.read_bytes(candidate, limit=MBR_CODE_SIZE)
             if 0 < len(code) <= MBR_CODE_SIZE:
                 return code
     raise InvalidImage("the image has no syslinux mbr.bin; install the boot packages")
 
 
-def _extlinux(root: Path) -> str:
-    for candidate in EXTLINUX_CANDIDATES:
-        if inside_root(root, candidate).is_file():
-            return candidate
-    raise InvalidImage("the image has no extlinux; install the distribution's boot packages")
+def _check_filesystem(raw: Path, part: str, log: LogFn | None) -> None:
+    """``e2fsck -f -p`` before the host kernel mounts it read-write; exit 1 = fixed."""
+    result = _tool(["e2fsck", "-f", "-p", part], log, check=False)
+    if result.returncode not in (0, 1):
+        raise InvalidImage(
+            f"{raw.name}: e2fsck found errors it could not fix (exit {result.returncode})"
+        )
 
 
-def _resolve_inside(root: Path, path: str, depth: int = 0) -> Path | None:
-    """Follow symlinks as the booted system would see them, never leaving `root`."""
-    if depth > 8:
-        return None
-    current = Path(root)
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    for i, part in enumerate(parts):
-        if part == "..":
-            current = current.parent if current != Path(root) else current
-            continue
-        candidate = current / part
-        if candidate.is_symlink():
-            target = os.readlink(candidate)
-            base = "/" if target.startswith("/") else "/" + str(current.relative_to(root))
-            rest = "/".join(parts[i + 1 :])
-            joined = os.path.normpath(os.path.join(base, target, rest))
-            return _resolve_inside(root, joined, depth + 1)
-        current = candidate
-    return current
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises `SystemExit(143)` so cleanup code runs.
+
+    Only in the main thread and only when no one else handles SIGTERM (a
+    server's own handler is left alone); otherwise a no-op.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _tree_bytes(root: Path) -> int:

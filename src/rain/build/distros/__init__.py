@@ -4,9 +4,9 @@ Adding a distribution is adding a module here (``debian.py`` today), not
 editing a switch elsewhere. Installers bootstrap a root filesystem into a plain
 directory and report what got installed; they never leave mounts behind
 (`unmount_under` is the shared clean-up for that). Everything after the
-bootstrap (packages, services, boot setup, clean-up) runs inside a
-`rain.build.chroot.Chroot` the caller holds open, so one set of mounts serves
-a whole build.
+bootstrap (packages, services, boot setup, clean-up) works on a tree that
+may be a stranger's: commands run in the `rain.sandbox.Sandbox` the caller
+holds open, host-side file work goes through its `ImageTree`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from rain.formats.tool import run_tool
 from rain.model.errors import ToolFailed
 
 if TYPE_CHECKING:
-    from rain.build.chroot import Chroot
+    from rain.sandbox import Sandbox
 
 
 class DistroInstaller(Protocol):
@@ -53,21 +53,25 @@ class DistroInstaller(Protocol):
         """Packages that make a bootstrapped tree boot as a VM (kernel, init, DHCP, bootloader)."""
         ...
 
-    def install(self, chroot: Chroot, packages: Sequence[str]) -> None:
-        """Install packages (NAME or NAME=VERSION); unknown names are one `InvalidRequest`."""
+    def install(self, sandbox: Sandbox, packages: Sequence[str], *, release: str,
+                arch: str) -> None:
+        """Install packages (NAME or NAME=VERSION); unknown names are one `InvalidRequest`.
+
+        The sandbox has no network: the installer fetches (and verifies) on the host.
+        """
         ...
 
-    def configure_boot(self, chroot: Chroot) -> None:
+    def configure_boot(self, sandbox: Sandbox) -> None:
         """After the boot packages: DHCP networking and the boot-test marker."""
         ...
 
     def enable_services(
-        self, chroot: Chroot, enable: Sequence[str], disable: Sequence[str]
+        self, sandbox: Sandbox, enable: Sequence[str], disable: Sequence[str]
     ) -> None:
         """Enable/disable units; an unknown unit is an `InvalidRequest`."""
         ...
 
-    def clean(self, chroot: Chroot, *, keep_apt_lists: bool = True) -> None:
+    def clean(self, sandbox: Sandbox, *, keep_apt_lists: bool = True) -> None:
         """Last step of a build: no machine identity, host leftovers or passwords in the image."""
         ...
 

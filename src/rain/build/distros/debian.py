@@ -1,21 +1,30 @@
 """Debian: bootstrap with debootstrap from the mirror apt is configured with,
-then make the tree bootable, install packages and clean it inside a `Chroot`.
+then make the tree bootable, install packages and clean it in a `Sandbox`.
 
-debootstrap runs through `run_tool` (argv list, wall-clock timeout that kills
-its whole process group). Downloaded .debs stay in ``cache_dir``
-(``--cache-dir``, which must be absolute) so later bootstraps of the same
-release download nothing. debootstrap mounts /proc and /sys inside the target
-for its second stage and unmounts them itself on a normal exit; when it is
-killed (timeout) or fails, `unmount_under` undoes whatever it left.
+debootstrap runs on the host through `run_tool` (argv list, wall-clock
+timeout that kills its whole process group): it installs only Debian's
+signed packages from the configured mirror, verified against the host's
+keyring, so it is trusted like rain itself (docs/sandbox.md says what runs
+where). Downloaded .debs stay in ``cache_dir`` (``--cache-dir``, which must
+be absolute) so later bootstraps of the same release download nothing.
+debootstrap mounts /proc and /sys inside the target for its second stage and
+unmounts them itself on a normal exit; when it is killed (timeout) or fails,
+`unmount_under` undoes whatever it left.
 
-The package list is read from ``var/lib/dpkg/status`` directly, without
-entering the chroot.
+Everything after the bootstrap runs on a tree that may be a stranger's
+(``from: image:``): commands in the sandbox, host-side file work through the
+sandbox's `ImageTree` (symlinks resolved inside the tree). The package list
+is read from ``var/lib/dpkg/status`` the same way, without running anything.
 
-Packages: ``apt-get install --no-install-recommends`` inside the chroot, after
-``apt-cache policy`` has confirmed every name (an unknown name is one
-`InvalidRequest` line naming it, before anything is installed). Package lists
-are refreshed only when missing or when they turn out stale (a name unknown,
-a download answered 404).
+Packages: the sandbox has no network, so the host fetches and verifies
+(`DebianArchive`) and apt inside installs offline from a read-only
+``file:`` view of the verified cache: ``apt-get update`` from the view,
+``apt-cache policy`` to confirm every name (an unknown name is one
+`InvalidRequest` line naming it, before anything is installed), ``apt-get
+-s install`` to learn which .debs are needed, the host downloads them, then
+``apt-get install --no-install-recommends``. ``policy-rc.d`` keeps package
+scripts from starting daemons meanwhile. The index is fetched again when a
+name is unknown or a download is refused (it may be stale).
 
 Booting: Debian's cloud kernel (virtio built in, small), initramfs-tools,
 systemd with systemd-networkd doing DHCP on every ``en*``/``eth*`` interface
@@ -24,30 +33,39 @@ and EXTLINUX as the bootloader (see `rain.build.disk`).
 
 `clean` removes what must not be shared by every VM started from an image
 (machine-id, SSH host keys, the build host's name and DNS servers) and locks
-root's password. It keeps apt's package lists by default: later builds on top
-of the image (the base-image cache) then install without downloading the
-~50 MB of indexes again, at the price of that much in the image; they are
-refreshed automatically once stale. `keep_apt_lists=False` drops them.
+root's password. It keeps apt's package lists by default (the image's own
+and the ones rain's installs used, so a later build on top of the image
+skips ``apt-get update`` when the index is the same), at the price of about
+50 MB in the image; `keep_apt_lists=False` drops them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import socket
+import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rain.build.boot import install_boot_marker
 from rain.build.distros import unmount_under
+from rain.build.distros.debian_archive import (
+    VIEW_TARGET,
+    ArchiveIndex,
+    DebianArchive,
+    apt_options,
+)
 from rain.build.mirror import debian_mirror
 from rain.formats.tool import ToolExitError, run_tool
-from rain.model.errors import InvalidRequest, ToolFailed
+from rain.model.errors import InvalidImage, InvalidRequest, ToolFailed
+from rain.sandbox import Bind, ImageTree
 
 if TYPE_CHECKING:
-    from rain.build.chroot import Chroot
+    from rain.sandbox import Sandbox
 
 BOOTSTRAP_TIMEOUT = 900.0
 VARIANTS: tuple[str, ...] = ("minbase", "buildd", "fakechroot")
@@ -64,6 +82,7 @@ _UNIT_TYPES = frozenset(
     {"service", "socket", "timer", "target", "mount", "automount", "path", "swap", "slice"}
 )
 INSTALL_TIMEOUT = 1800.0
+POLICY_RC_D = b"#!/bin/sh\n# Written by rain while the image is built: start no daemon.\nexit 101\n"
 APT_ENV = {
     "DEBIAN_FRONTEND": "noninteractive",
     "DEBCONF_NONINTERACTIVE_SEEN": "true",
@@ -120,9 +139,15 @@ class DebianInstaller:
 
     name = "debian"
 
-    def __init__(self, mirror: str | None = None, *, timeout: float = BOOTSTRAP_TIMEOUT) -> None:
+    def __init__(self, mirror: str | None = None, *, timeout: float = BOOTSTRAP_TIMEOUT,
+                 cache: Path | None = None, keyring: str | None = None,
+                 max_download_bytes: int = 4 * 1024**3) -> None:
         self._mirror = mirror.rstrip("/") if mirror else None
         self.timeout = timeout
+        self._cache = cache
+        self._keyring = keyring
+        self._max_download_bytes = max_download_bytes
+        self._archive: DebianArchive | None = None
 
     @property
     def mirror(self) -> str:
@@ -130,6 +155,18 @@ class DebianInstaller:
         if self._mirror is None:
             self._mirror = debian_mirror()
         return self._mirror
+
+    @property
+    def archive(self) -> DebianArchive:
+        """Verified downloads from the mirror, cached in `cache` (needed to install packages)."""
+        if self._archive is None:
+            if self._cache is None:
+                raise ToolFailed("DebianInstaller needs a cache directory to install packages",
+                                 tool="apt")
+            extra = {"keyring": self._keyring} if self._keyring else {}
+            self._archive = DebianArchive(self.mirror, self._cache,
+                                          max_download_bytes=self._max_download_bytes, **extra)
+        return self._archive
 
     def bootstrap_argv(
         self,
@@ -202,7 +239,7 @@ class DebianInstaller:
     def installed_packages(self, root: Path) -> dict[str, str]:
         return installed_packages(root)
 
-    # -- inside a Chroot ---------------------------------------------------
+    # -- on a tree, in a Sandbox -------------------------------------------------
 
     def boot_packages(self, arch: str, *, release: str = "bookworm") -> list[str]:
         """What makes a bootstrapped tree a bootable VM image (kernel, init, DHCP, EXTLINUX)."""
@@ -225,62 +262,77 @@ class DebianInstaller:
             packages.append("systemd-resolved")
         return packages
 
-    def install(self, chroot: Chroot, packages: Sequence[str]) -> None:
+    def install(self, sandbox: Sandbox, packages: Sequence[str], *, release: str,
+                arch: str) -> None:
         """Install `packages` (NAME or NAME=VERSION) and their dependencies, not recommends.
 
         Raises `InvalidRequest` naming every package apt does not know, before
-        installing anything.
+        installing anything. `release` and `arch` choose the index fetched
+        (the image's own, as the catalog records it).
         """
         specs = [_check_spec(p) for p in packages]
         if not specs:
             return
-        updated = False
-        if not _has_package_lists(chroot.root):
-            self._update(chroot)
-            updated = True
-        missing = _unavailable(chroot, specs)
-        if missing and not updated:
-            self._update(chroot)  # stale lists may predate the package
-            updated = True
-            missing = _unavailable(chroot, specs)
-        if missing:
-            raise InvalidRequest(_unknown_message(missing))
-        argv = ["apt-get", *_APT_OPTIONS, "install", "-y", "--no-install-recommends"]
-        argv += [f"{name}={version}" if version else name for name, version in specs]
-        with chroot.apt_cache_lock():
-            try:
-                chroot.run(argv, env=APT_ENV, timeout=INSTALL_TIMEOUT)
-            except ToolExitError as exc:
-                if updated or not _looks_stale(exc.stderr):
-                    raise
-                self._update(chroot)
-                chroot.run(argv, env=APT_ENV, timeout=INSTALL_TIMEOUT)
+        if not release:
+            raise InvalidRequest("cannot install packages: the image's Debian release is "
+                                 "unknown (set its os_release)")
+        _check_name("release", release)
+        _check_name("architecture", arch)
+        names = [f"{name}={version}" if version else name for name, version in specs]
+        log = sandbox.log
+        refreshed = False
+        index = self.archive.index(release, arch, log=log)
+        with _no_daemons(sandbox.tree):
+            while True:
+                with self.archive.view(index) as view:
+                    apt = sandbox.with_binds(Bind(view, VIEW_TARGET))
+                    try:
+                        self._install_from(apt, view, index, specs, names)
+                        return
+                    except _Stale as stale:
+                        if refreshed:
+                            raise stale.error from None
+                refreshed = True
+                index = self.archive.index(release, arch, refresh=True, log=log)
 
-    def configure_boot(self, chroot: Chroot) -> None:
+    def _install_from(self, apt: Sandbox, view: Path, index: ArchiveIndex,
+                      specs: Sequence[tuple[str, str]], names: Sequence[str]) -> None:
+        _update_lists(apt, index)
+        missing = _unavailable(apt, specs)
+        if missing:
+            raise _Stale(InvalidRequest(_unknown_message(missing)))
+        options = ["apt-get", *_APT_OPTIONS, *apt_options(), "install", "--no-install-recommends"]
+        plan = apt.run([*options, "-s", *names], env=APT_ENV, timeout=INSTALL_TIMEOUT)
+        try:
+            files = self.archive.lookup(index, plan)
+            self.archive.fetch(files, log=apt.log)
+        except ToolFailed as exc:
+            raise _Stale(exc) from None
+        self.archive.add(view, files)
+        apt.run([*options, "-y", *names], env=APT_ENV, timeout=INSTALL_TIMEOUT)
+
+    def configure_boot(self, sandbox: Sandbox) -> None:
         """Network by DHCP (systemd-networkd + resolved) and the boot-test marker unit.
 
-        Run after `install(chroot, boot_packages(...))`.
+        Run after `install(sandbox, boot_packages(...))`, on a base image's own tree.
         """
-        network = chroot.path(DHCP_NETWORK_FILE)
-        network.parent.mkdir(parents=True, exist_ok=True)
-        network.write_text(DHCP_NETWORK)
-        self.enable_services(chroot, ["systemd-networkd", "systemd-resolved"], [])
-        resolv = chroot.path("/etc/resolv.conf")
-        if not resolv.is_symlink():
+        tree = sandbox.tree
+        tree.write_text(DHCP_NETWORK_FILE, DHCP_NETWORK)
+        self.enable_services(sandbox, ["systemd-networkd", "systemd-resolved"], [])
+        if not tree.is_symlink("/etc/resolv.conf"):
             # Where resolved ships inside systemd (bullseye), nothing links it.
-            resolv.unlink(missing_ok=True)
-            resolv.symlink_to("../run/systemd/resolve/stub-resolv.conf")
-        install_boot_marker(chroot.root)
+            tree.symlink("/etc/resolv.conf", "../run/systemd/resolve/stub-resolv.conf")
+        install_boot_marker(tree)
 
     def enable_services(
-        self, chroot: Chroot, enable: Sequence[str], disable: Sequence[str]
+        self, sandbox: Sandbox, enable: Sequence[str], disable: Sequence[str]
     ) -> None:
         """``systemctl enable``/``disable`` in the image; an unknown unit is an `InvalidRequest`."""
         enable = [_unit_name(u) for u in enable]
         disable = [_unit_name(u) for u in disable]
         if not enable and not disable:
             return
-        listing = chroot.run(
+        listing = sandbox.run(
             ["systemctl", "--root=/", "list-unit-files", "--no-legend", "--no-pager"]
         )
         known = {line.split()[0] for line in listing.splitlines() if line.split()}
@@ -292,11 +344,11 @@ class DebianInstaller:
                 " (no such unit file in the image)"
             )
         if enable:
-            chroot.run(["systemctl", "--root=/", "enable", *enable])
+            sandbox.run(["systemctl", "--root=/", "enable", *enable])
         if disable:
-            chroot.run(["systemctl", "--root=/", "disable", *disable])
+            sandbox.run(["systemctl", "--root=/", "disable", *disable])
 
-    def clean(self, chroot: Chroot, *, keep_apt_lists: bool = True) -> None:
+    def clean(self, sandbox: Sandbox, *, keep_apt_lists: bool = True) -> None:
         """Remove per-machine identity and build leftovers; lock root's password.
 
         Run last in a build (after files and commands): machine-id emptied
@@ -304,47 +356,57 @@ class DebianInstaller:
         regenerates them at first boot when sshd is installed), the build
         host's hostname, hosts and DNS servers that debootstrap copied in
         replaced, downloaded .debs and /tmp removed, apt lists kept unless
-        `keep_apt_lists` is false.
+        `keep_apt_lists` is false. Every path goes through the sandbox's
+        `ImageTree`: a symlink planted in the image cannot point this at the host.
         """
-        root = chroot.root
-        machine_id = chroot.path("/etc/machine-id")
-        if machine_id.exists() or machine_id.is_symlink():
-            machine_id.unlink()
-            machine_id.write_bytes(b"")
-            machine_id.chmod(0o444)
-        chroot.path("/var/lib/dbus/machine-id").unlink(missing_ok=True)
-        ssh = chroot.path("/etc/ssh")
-        for key in ssh.glob("ssh_host_*"):
-            key.unlink()
-        if chroot.path("/usr/sbin/sshd").exists():
-            _install_ssh_keys_unit(chroot)
-        if chroot.path("/usr/bin/passwd").exists():
-            chroot.run(["passwd", "--lock", "root"])
-        _unleak_host_files(chroot)
-        for pattern in ("var/cache/apt/archives/*.deb", "var/cache/apt/archives/partial/*",
-                        "var/cache/apt/*.bin"):
-            for path in root.glob(pattern):
-                if path.is_file() and not path.is_symlink():
-                    path.unlink()
+        tree = sandbox.tree
+        if tree.lstat("/etc/machine-id") is not None:
+            tree.write_bytes("/etc/machine-id", b"", mode=0o444)
+        tree.unlink("/var/lib/dbus/machine-id")
+        for key in tree.glob("/etc/ssh", "ssh_host_*"):
+            tree.unlink(key)
+        if tree.exists("/usr/sbin/sshd"):
+            _install_ssh_keys_unit(tree)
+        if tree.exists("/usr/bin/passwd"):
+            sandbox.run(["passwd", "--lock", "root"])
+        _unleak_host_files(tree)
+        for directory, pattern in (("/var/cache/apt/archives", "*.deb"),
+                                   ("/var/cache/apt/archives/partial", "*"),
+                                   ("/var/cache/apt", "*.bin")):
+            for path in tree.glob(directory, pattern):
+                if _is_regular(tree, path):
+                    tree.unlink(path)
         if not keep_apt_lists:
-            lists = chroot.path("/var/lib/apt/lists")
-            for path in lists.glob("*"):
-                if path.is_file() and path.name != "lock":
-                    path.unlink()
+            for directory in ("/var/lib/apt/lists", "/var/lib/rain-apt/lists"):
+                for path in tree.glob(directory, "*"):
+                    if _is_regular(tree, path) and not path.endswith("/lock"):
+                        tree.unlink(path)
         for tmp in ("/tmp", "/var/tmp"):
-            _empty_dir(chroot.path(tmp))
-
-    def _update(self, chroot: Chroot) -> None:
-        chroot.run(["apt-get", *_APT_OPTIONS, "update"], env=APT_ENV, timeout=INSTALL_TIMEOUT)
+            tree.empty_dir(tmp)
 
 
-def installed_packages(root: Path) -> dict[str, str]:
-    """{package: version} for every package dpkg under `root` records as installed."""
-    status = Path(root) / "var" / "lib" / "dpkg" / "status"
+class _Stale(Exception):
+    """An install step failed in a way a fresher index may fix; `error` is what to report."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def installed_packages(root: Path | ImageTree) -> dict[str, str]:
+    """{package: version} for every package dpkg in the tree records as installed.
+
+    Read through `ImageTree` (a stranger's ``var/lib/dpkg`` may be a symlink
+    to the host's), never by running the image's dpkg.
+    """
+    tree = root if isinstance(root, ImageTree) else ImageTree(root)
     try:
-        text = status.read_text(encoding="utf-8", errors="replace")
+        text = tree.read_text("/var/lib/dpkg/status")
     except FileNotFoundError:
-        raise InvalidRequest(f"{root} has no dpkg database (var/lib/dpkg/status)") from None
+        raise InvalidRequest(f"{tree.root} has no dpkg database (var/lib/dpkg/status)") from None
+    finally:
+        if tree is not root:
+            tree.close()
     packages: dict[str, str] = {}
     for fields in _stanzas(text):
         name, version = fields.get("package"), fields.get("version")
@@ -376,14 +438,27 @@ def _check_spec(spec: str) -> tuple[str, str]:
     return match.group(1), match.group(2) or ""
 
 
-def _has_package_lists(root: Path) -> bool:
-    return any((Path(root) / "var" / "lib" / "apt" / "lists").glob("*_Packages*"))
+LISTS_STAMP = "/var/lib/rain-apt/index.sha256"
 
 
-def _unavailable(chroot: Chroot, specs: Sequence[tuple[str, str]]) -> list[str]:
+def _update_lists(apt: Sandbox, index: ArchiveIndex) -> None:
+    """``apt-get update`` from the view, unless the image's lists come from the same index."""
+    tree = apt.tree
+    stamp = f"{index.release} {index.arch} {index.packages_sha256}"
+    with contextlib.suppress(FileNotFoundError, InvalidImage):
+        if tree.read_text(LISTS_STAMP, limit=4096).strip() == stamp:
+            return
+    tree.mkdir("/var/lib/rain-apt/lists/partial")
+    apt.run(["apt-get", *_APT_OPTIONS, *apt_options(), "update"], env=APT_ENV,
+            timeout=INSTALL_TIMEOUT)
+    tree.write_text(LISTS_STAMP, stamp + "\n")
+
+
+def _unavailable(apt: Sandbox, specs: Sequence[tuple[str, str]]) -> list[str]:
     """Specs apt cannot install: unknown names, no candidate, or a version it lacks."""
     names = sorted({name for name, _ in specs})
-    policy = _parse_policy(chroot.run(["apt-cache", "policy", *names], env=APT_ENV))
+    policy = _parse_policy(apt.run(["apt-cache", *apt_options(), "policy", *names],
+                                   env=APT_ENV))
     missing = []
     for name, version in specs:
         known = policy.get(name)
@@ -422,10 +497,6 @@ def _unknown_message(missing: Sequence[str]) -> str:
     return f"unknown package{plural} {names}: not available from the image's apt sources"
 
 
-def _looks_stale(stderr: str) -> bool:
-    return any(s in stderr for s in ("404", "Unable to fetch some archives", "Failed to fetch"))
-
-
 def _unit_name(unit: str) -> str:
     """``ssh`` → ``ssh.service``; names with a unit type suffix are kept."""
     if not _UNIT.match(unit) or unit.startswith("-"):
@@ -442,48 +513,65 @@ def _unit_known(unit: str, known: set[str]) -> bool:
     return False
 
 
-def _install_ssh_keys_unit(chroot: Chroot) -> None:
-    units = chroot.path("/etc/systemd/system")
-    units.mkdir(parents=True, exist_ok=True)
-    (units / SSH_KEYS_UNIT).write_text(_SSH_KEYS_UNIT_TEXT)
+def _install_ssh_keys_unit(tree: ImageTree) -> None:
+    units = "/etc/systemd/system"
+    tree.write_text(f"{units}/{SSH_KEYS_UNIT}", _SSH_KEYS_UNIT_TEXT)
     for target in ("multi-user.target", "ssh.service"):
-        wants = units / f"{target}.wants"
-        wants.mkdir(exist_ok=True)
-        link = wants / SSH_KEYS_UNIT
-        link.unlink(missing_ok=True)
-        link.symlink_to(f"/etc/systemd/system/{SSH_KEYS_UNIT}")
+        tree.symlink(f"{units}/{target}.wants/{SSH_KEYS_UNIT}", f"{units}/{SSH_KEYS_UNIT}")
 
 
-def _unleak_host_files(chroot: Chroot) -> None:
+def _unleak_host_files(tree: ImageTree) -> None:
     """debootstrap copies the build host's hostname and resolv.conf; hosts may be missing."""
-    hostname = chroot.path("/etc/hostname")
-    if not hostname.exists() or hostname.read_text().strip() in ("", socket.gethostname()):
-        hostname.write_text("localhost\n")
-    hosts = chroot.path("/etc/hosts")
-    host_hosts = _read_or_empty(Path("/etc/hosts"))
-    if not hosts.exists() or hosts.read_text() == host_hosts:
-        hosts.write_text(DEFAULT_HOSTS)
-    resolv = chroot.path("/etc/resolv.conf")
-    host_resolv = _read_or_empty(Path("/etc/resolv.conf"))
-    if not resolv.is_symlink() and resolv.is_file() and resolv.read_text() == host_resolv:
-        resolv.write_text("")
+    if _read_or_empty(tree, "/etc/hostname").strip() in ("", socket.gethostname()):
+        tree.write_text("/etc/hostname", "localhost\n")
+    hosts = _read_or_empty(tree, "/etc/hosts")
+    if not hosts or hosts == _host_file("/etc/hosts"):
+        tree.write_text("/etc/hosts", DEFAULT_HOSTS)
+    if not tree.is_symlink("/etc/resolv.conf") and tree.is_file("/etc/resolv.conf") and (
+            _read_or_empty(tree, "/etc/resolv.conf") == _host_file("/etc/resolv.conf")):
+        tree.write_text("/etc/resolv.conf", "")
 
 
-def _read_or_empty(path: Path) -> str:
+def _read_or_empty(tree: ImageTree, path: str) -> str:
+    """An image file's text, '' when it is missing or not a regular file."""
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
+        return tree.read_text(path, limit=1024**2)
+    except (OSError, InvalidImage):
+        return ""
+
+
+def _host_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return ""
 
 
-def _empty_dir(path: Path) -> None:
-    if not path.is_dir() or path.is_symlink():
-        return
-    for entry in path.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
+def _is_regular(tree: ImageTree, path: str) -> bool:
+    found = tree.lstat(path)
+    return found is not None and stat.S_ISREG(found.st_mode)
+
+
+@contextlib.contextmanager
+def _no_daemons(tree: ImageTree) -> Iterator[None]:
+    """``policy-rc.d`` refusing every start for the block; the image's own put back after."""
+    path = "/usr/sbin/policy-rc.d"
+    original: bytes | None = None
+    mode = 0o755
+    found = tree.lstat(path)
+    if found is not None and stat.S_ISREG(found.st_mode):
+        original = tree.read_bytes(path)
+        mode = stat.S_IMODE(found.st_mode)
+        if original == POLICY_RC_D:
+            original = None  # left by an interrupted build of ours
+    tree.write_bytes(path, POLICY_RC_D, mode=0o755)
+    try:
+        yield
+    finally:
+        if original is None:
+            tree.unlink(path)
         else:
-            entry.unlink(missing_ok=True)
+            tree.write_bytes(path, original, mode=mode)
 
 
 def _find_debootstrap() -> str:
