@@ -202,7 +202,8 @@ def test_a_kvm_that_dies_under_a_real_boot_falls_back_to_tcg(
     calls: list[str] = []
 
     def fake_boot(image: Path, fmt: str, timeout: float, marker: str, memory_mb: int,
-                  cpus: int, log_path: Path, accel: str, log: object) -> boot.BootResult:
+                  cpus: int, log_path: Path, accel: str, log: object,
+                  cancel: object = None) -> boot.BootResult:
         calls.append(accel)
         if accel == "kvm":
             return boot.BootResult(ok=False, seconds=0.3, accel="kvm", console_log="",
