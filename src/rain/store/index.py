@@ -21,6 +21,7 @@ and committed by its writer only under the write lock (see `write_lock`).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -56,17 +57,36 @@ class Location:
     compressed: bool
 
 
-def _close_all(connections: list[sqlite3.Connection]) -> None:
-    for db in connections:
+class _ThreadConnection:
+    """A thread's connection, closed when the thread ends: the HTTP server runs a thread
+    per client connection, and connections kept past their thread would pile up,
+    each with its page cache and file handles."""
+
+    __slots__ = ("__weakref__", "db")
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+
+def _close_here(pid: int, db: sqlite3.Connection) -> None:
+    # Not in a forked child: `fork` + `preexec_fn` (rain.formats.tool) drops the other
+    # threads' states there, and closing could wait forever on a SQLite mutex some
+    # parent thread held at fork time.
+    if os.getpid() == pid:
         db.close()
-    connections.clear()
+
+
+def _close_all(closers: list[weakref.finalize]) -> None:
+    for close in closers:
+        close()
+    closers.clear()
 
 
 class ChunkIndex:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._all: list[weakref.finalize] = []  # one per connection: closes it
         self._guard = threading.Lock()
         # Closing the last connection checkpoints the WAL into the database and
         # removes it: at exit too, so a stopped server leaves one compact file.
@@ -77,17 +97,18 @@ class ChunkIndex:
                     db.execute(statement)
 
     def _db(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
+        held: _ThreadConnection | None = getattr(self._local, "held", None)
+        if held is None:
             db = sqlite3.connect(self.path, timeout=60, isolation_level=None,
                                  check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA journal_size_limit=8388608")  # WAL shrinks back after bursts
-            self._local.db = db
+            held = self._local.held = _ThreadConnection(db)
             with self._guard:
-                self._all.append(db)
-        return db
+                self._all[:] = [c for c in self._all if c.alive]
+                self._all.append(weakref.finalize(held, _close_here, os.getpid(), db))
+        return held.db
 
     def close(self) -> None:
         with self._guard:

@@ -3,12 +3,17 @@
 Writing: the caller hands over blocks as they arrive. The whole-image SHA-256
 runs in one thread (it must see bytes in order) while chunk hashing and object
 writes run in a small pool; hashlib and file I/O release the GIL, so on two
-cores the two digests overlap instead of adding up. At most `max_inflight`
-chunks are held at once, whatever the image size. New chunks go into one pack
-per writer (`rain.store.packs`), committed by `finish`.
+cores the two digests overlap instead of adding up. A writer holds at most a
+few blocks, whatever the image size, and all writers together share one
+buffer budget (`BlockPool`). New chunks go into one pack per writer
+(`rain.store.packs`), committed by `finish`. A writer can be stopped from
+any thread (`stop`), and its waits call an `interrupt` callback, so an upload
+whose client left or whose server is stopping ends within a fraction of a
+second — even while it hashes a terabyte of declared zeros.
 
 Reading: chunks are fetched and verified ahead of the consumer by the same
-kind of pool; runs of zero chunks are produced without touching the store.
+kind of pool, as deep as the number of concurrent readers allows (`ReadAhead`);
+runs of zero chunks are produced without touching the store.
 """
 
 from __future__ import annotations
@@ -20,15 +25,21 @@ import hashlib
 import mmap
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, BinaryIO
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any, BinaryIO, TypeVar
 
 from rain.store.chunks import ChunkStore
 from rain.store.manifest import ZERO_DIGEST, ImageManifest
 
 ZERO_BLOCK_MAX = 4 * 1024 * 1024
+WATCH_SECONDS = 0.2  # how often a waiting writer calls its interrupt callback
 _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rain-chunk")
+T = TypeVar("T")
+
+
+class WriterStopped(Exception):
+    """The writer was stopped (`ImageWriter.stop` or `abort`) before it finished."""
 
 
 class ImageWriter:
@@ -43,11 +54,20 @@ class ImageWriter:
     """
 
     def __init__(self, store: ChunkStore, *, spool: BinaryIO | None = None,
-                 blocks: int = 6, block_chunks: int = 16) -> None:
+                 blocks: int = 6, block_chunks: int = 16,
+                 interrupt: Callable[[], None] | None = None) -> None:
         self.store = store
         self.chunk_size = store.config.chunk_size
-        self._block_size = self.chunk_size * block_chunks
-        self._free: deque[mmap.mmap] = deque(BLOCKS.take(self._block_size) for _ in range(blocks))
+        # Up to `blocks` buffers of up to `block_chunks` chunks, taken as needed; their
+        # size is this writer's share of the pool's budget (BlockPool.block_size).
+        self._max_blocks = blocks
+        self._block_chunks = block_chunks
+        self._held = 0
+        self._free: deque[mmap.mmap] = deque()
+        # Called (from the writing thread) every WATCH_SECONDS while it waits: raising
+        # there ends the upload (its client left, the server is stopping).
+        self._interrupt = interrupt
+        self._stop = threading.Event()
         self._cur: mmap.mmap | None = None
         self._fill = 0
         self._whole = hashlib.sha256()
@@ -61,6 +81,7 @@ class ImageWriter:
         self.chunks: list[bytes] = []
         self._closed = False
         self._pack = store.open_pack()
+        BLOCKS.join()  # left in _close
 
     def _store_chunks(self, data: memoryview) -> list[tuple[bytes, int]]:
         """One task per block, not per chunk: the pool's overhead per task is not free,
@@ -101,6 +122,40 @@ class ImageWriter:
             if block is not None:
                 self._free.append(block)
 
+    def _wait(self, fut: Future[T]) -> T:
+        """`fut.result()`, watching for `stop` and calling `interrupt` while it waits."""
+        while True:
+            if self._stop.is_set():
+                raise WriterStopped("the upload was stopped")
+            done, _ = wait([fut], timeout=WATCH_SECONDS, return_when=FIRST_COMPLETED)
+            if done:
+                return fut.result()
+            if self._interrupt is not None:
+                self._interrupt()
+
+    def _wait_oldest(self) -> None:
+        _, hfut, cfuts = self._inflight[0]
+        self._wait(hfut)
+        for f in cfuts:
+            self._wait(f)
+
+    def _next_block(self) -> mmap.mmap:
+        """A free block of this writer's current share, waiting for its own work if it
+        holds all it may (never for other writers: no writer can starve another)."""
+        want = BLOCKS.block_size(self.chunk_size, self._block_chunks, self._max_blocks)
+        while True:
+            while self._free:
+                block = self._free.popleft()
+                if len(block) == want:
+                    return block
+                self._held -= 1  # the share changed (uploads came or went): back to the pool
+                BLOCKS.give(block)
+            if self._held < self._max_blocks:
+                self._held += 1
+                return BLOCKS.take(want)
+            self._wait_oldest()
+            self._reap()
+
     def _dispatch(self) -> None:
         assert self._cur is not None
         block, n = self._cur, self._fill
@@ -117,20 +172,15 @@ class ImageWriter:
         """
         if self._cur is None:
             self._reap()
-            while not self._free:
-                _, hfut, cfuts = self._inflight[0]
-                hfut.result()
-                for f in cfuts:
-                    f.result()
-                self._reap()
-            self._cur = self._free.popleft()
+            self._cur = self._next_block()
         return memoryview(self._cur)[self._fill :]
 
     def commit(self, n: int) -> None:
         """`n` bytes of the last `buffer()` are filled."""
+        assert self._cur is not None
         self._fill += n
         self.size += n
-        if self._fill == self._block_size:
+        if self._fill == len(self._cur):
             self._dispatch()
 
     def write(self, data: bytes | memoryview) -> None:
@@ -173,6 +223,9 @@ class ImageWriter:
     def _hash_zeros(self, n: int) -> None:
         step = len(_ZEROS)
         while n > 0:
+            # A declared hole can be a terabyte (minutes of SHA-256): stop when told to.
+            if self._stop.is_set():
+                raise WriterStopped("the upload was stopped")
             take = min(step, n)
             self._whole.update(_ZEROS_VIEW[:take])
             if self._spool is not None:
@@ -182,7 +235,7 @@ class ImageWriter:
     def backpressure(self) -> Future[object] | None:
         """Work to wait for before the next write would block, for async callers."""
         self._reap()
-        if self._free or not self._inflight:
+        if self._free or self._held < self._max_blocks or not self._inflight:
             return None
         _, hfut, cfuts = self._inflight[0]
         futures: list[Future[Any]] = [hfut, *cfuts]
@@ -192,17 +245,22 @@ class ImageWriter:
     def wait(self) -> None:
         """Synchronous callers: block until a buffer is free."""
         while (fut := self.backpressure()) is not None:
-            fut.result()
+            self._wait(fut)
 
     def drain(self) -> None:
         """Wait until every whole chunk handed over so far is stored."""
         if self._cur is not None and self._fill and self._fill % self.chunk_size == 0:
             self._dispatch()
         for _, hfut, cfuts in list(self._inflight):
-            hfut.result()
+            self._wait(hfut)
             for f in cfuts:
-                f.result()
+                self._wait(f)
         self._reap()
+
+    def stop(self) -> None:
+        """Make the writer's work end soon, from any thread: waits raise WriterStopped and
+        the zero hashing breaks off; the thread that owns the writer then aborts it."""
+        self._stop.set()
 
     def finish(self) -> ImageManifest:
         """Flush the last partial block, wait for everything and commit the pack
@@ -224,6 +282,7 @@ class ImageWriter:
     def abort(self) -> None:
         """Stop early and delete this upload's pack (unless `finish` committed it:
         then its rows may already be shared, and gc collects them if unreferenced)."""
+        self._stop.set()
         for _, hfut, cfuts in self._inflight:
             hfut.cancel()
             for f in cfuts:
@@ -249,24 +308,56 @@ class ImageWriter:
                 self._cur = None
             while self._free:
                 BLOCKS.give(self._free.popleft())
+            self._held = 0
+            BLOCKS.leave()
 
 
 class BlockPool:
-    """Upload buffers kept for the life of the process.
+    """Upload buffers, shared by every writer of the process within one budget.
 
-    Fresh memory is expensive where page faults are (in VMs, notably): a
-    writer takes warm buffers here instead of allocating and zero-filling new
-    ones for every upload. At most `keep` idle buffers are retained.
+    Each writer holds up to 6 blocks (receiving, whole-image hashing and chunk
+    work overlap, with slack). A block's size is the writer's share of
+    `budget`: 4 MiB for one or two uploads (a single stream runs exactly as
+    before), halving as more start, down to one chunk — so all uploads'
+    buffers together stay within the budget (or 6 chunks per writer, if that
+    is more) however many there are. Writers resize at their next block, so
+    the share follows uploads coming and going.
+
+    Fresh memory is expensive where page faults are (in VMs, notably): a block
+    is reused for the whole upload, and up to `keep` bytes of idle blocks stay
+    mapped for the next one while uploads come and go; the rest are unmapped
+    at once, and `release_idle` (the server, once idle) unmaps those too.
     """
 
-    def __init__(self, keep: int = 24) -> None:
+    def __init__(self, budget: int = 48 * 1024 * 1024, keep: int = 8 * 1024 * 1024) -> None:
         self._idle: dict[int, list[mmap.mmap]] = {}
         self._lock = threading.Lock()
+        self.budget = budget
         self.keep = keep
+        self.writers = 0
+        self.in_use = 0  # bytes of blocks handed out and not given back
+
+    def join(self) -> None:
+        with self._lock:
+            self.writers += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self.writers = max(self.writers - 1, 0)
+
+    def block_size(self, chunk_size: int, max_chunks: int, blocks: int) -> int:
+        """The size of the next block for a writer that may hold `blocks` of them."""
+        with self._lock:
+            share = self.budget // (max(self.writers, 1) * blocks)
+        k = max_chunks
+        while k > 1 and k * chunk_size > share:
+            k //= 2
+        return k * chunk_size
 
     def take(self, size: int) -> mmap.mmap:
         """A page-aligned buffer (anonymous mmap), so chunks can go out with O_DIRECT."""
         with self._lock:
+            self.in_use += size
             idle = self._idle.get(size)
             if idle:
                 return idle.pop()
@@ -274,9 +365,21 @@ class BlockPool:
 
     def give(self, block: mmap.mmap) -> None:
         with self._lock:
-            idle = self._idle.setdefault(len(block), [])
-            if sum(len(v) for v in self._idle.values()) < self.keep:
-                idle.append(block)
+            self.in_use -= len(block)
+            if self.idle_bytes() + len(block) <= self.keep:
+                self._idle.setdefault(len(block), []).append(block)
+                return
+        block.close()
+
+    def idle_bytes(self) -> int:
+        return sum(len(b) for blocks in self._idle.values() for b in blocks)
+
+    def release_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for blocks in idle.values():
+            for block in blocks:
+                block.close()
 
 
 BLOCKS = BlockPool()
@@ -307,6 +410,34 @@ _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 _memcmp.restype = ctypes.c_int
 
 
+class ReadAhead:
+    """How many chunks a reader fetches ahead: `most` while few read, fewer as more do.
+
+    Every download's chunks in flight are bytes on the heap; forty streams at
+    eight chunks each were the largest part of the server's memory after the
+    upload buffers. Readers share `budget` (at least 2 chunks each).
+    """
+
+    def __init__(self, budget: int = 16 * 1024 * 1024) -> None:
+        self.budget = budget
+        self.readers = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def reading(self, chunk_size: int, most: int) -> Iterator[int]:
+        with self._lock:
+            self.readers += 1
+            depth = self.budget // (self.readers * max(chunk_size, 1))
+        try:
+            yield max(2, min(most, depth))
+        finally:
+            with self._lock:
+                self.readers -= 1
+
+
+READ_AHEAD = ReadAhead()
+
+
 class ImageReader:
     """Reads a byte range of an image, verifying every chunk before it is handed out."""
 
@@ -328,6 +459,11 @@ class ImageReader:
     def _plan(self, start: int, end: int) -> Iterator[Future[bytes] | int]:
         """In order: futures of verified data (fetched ahead) or ints = that many zeros."""
         m = self.manifest
+        with READ_AHEAD.reading(m.chunk_size, self.readahead) as depth:
+            yield from self._planned(start, end, depth)
+
+    def _planned(self, start: int, end: int, depth: int) -> Iterator[Future[bytes] | int]:
+        m = self.manifest
         cs = m.chunk_size
         window: deque[Future[bytes] | int] = deque()
         inflight = 0
@@ -344,7 +480,7 @@ class ImageReader:
             fut = _POOL.submit(self.store.get_chunk, digest, m.chunk_length(i), image=self.image)
             window.append(fut if (lo == 0 and hi == m.chunk_length(i)) else _slice(fut, lo, hi))
             inflight += 1
-            while inflight >= self.readahead:
+            while inflight >= depth:
                 item = window.popleft()
                 if not isinstance(item, int):
                     inflight -= 1
@@ -363,15 +499,16 @@ class ImageReader:
         """Every non-zero chunk in order, verified (the data part of a sparse transfer)."""
         m = self.manifest
         window: deque[Future[bytes]] = deque()
-        for i, digest in enumerate(m.chunks):
-            if digest == ZERO_DIGEST:
-                continue
-            window.append(_POOL.submit(self.store.get_chunk, digest, m.chunk_length(i),
-                                       image=self.image))
-            if len(window) >= self.readahead:
+        with READ_AHEAD.reading(m.chunk_size, self.readahead) as depth:
+            for i, digest in enumerate(m.chunks):
+                if digest == ZERO_DIGEST:
+                    continue
+                window.append(_POOL.submit(self.store.get_chunk, digest, m.chunk_length(i),
+                                           image=self.image))
+                if len(window) >= depth:
+                    yield window.popleft().result()
+            while window:
                 yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
 
     async def aiter_range(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         end = self.manifest.size if end is None else end
