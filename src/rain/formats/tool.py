@@ -11,11 +11,12 @@ qcow2/vmdk can make `qemu-img info` allocate gigabytes or spin for minutes.
 OpenStack caps `qemu-img info` the same way (OSSA-2015-014: prlimit with 1 GiB
 of address space and 30 s of CPU); `ToolLimits()` carries the same numbers.
 
-Limits are applied with `setrlimit` in the child between fork and exec
-(`preexec_fn`). CPython documents `preexec_fn` as unsafe with threads because
-the child could deadlock on a lock held at fork time; the function used here
-only calls `resource.setrlimit` on pre-computed integers, which takes no Python
-or libc locks, so it is safe in the threaded API server.
+Limits are applied by util-linux `prlimit`, which sets them on itself and
+execs the tool, so the child is started with posix_spawn/vfork. Only without
+`prlimit` they are set in the child between fork and exec (`preexec_fn`):
+that forks the whole server, and runs Python's after-fork handlers in the
+child (they drop the other threads' states, whose finalizers may then wait on
+a lock some parent thread held — it happened, with 40 concurrent uploads).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import shutil
 import signal
 import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -96,7 +98,12 @@ def run_tool(
         raise TypeError("run_tool takes a non-empty argv list, never a shell string")
     args = [str(a) for a in argv]
     tool = os.path.basename(args[0])
-    preexec = _rlimit_setter(cpu_seconds, memory_bytes)
+    preexec = None
+    if cpu_seconds is not None or memory_bytes is not None:
+        if PRLIMIT is not None and shutil.which(args[0]) is not None:
+            args = [PRLIMIT, *_prlimit_options(cpu_seconds, memory_bytes), "--", *args]
+        else:  # (a missing tool is reported as such below)
+            preexec = _rlimit_setter(cpu_seconds, memory_bytes)
     run_env = dict(os.environ if env is None else env)
     run_env.setdefault("LC_ALL", "C")  # stable, parseable messages
     try:
@@ -227,6 +234,19 @@ def _signal_reason(signum: int, cpu_seconds: int | None, memory_bytes: int | Non
     if memory_bytes is not None and signum in (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS):
         return f"was killed by {name} (memory limit of {memory_bytes >> 20} MiB likely exceeded)"
     return f"was killed by {name}"
+
+
+PRLIMIT = shutil.which("prlimit")
+
+
+def _prlimit_options(cpu_seconds: int | None, memory_bytes: int | None) -> list[str]:
+    """The same limits as `_rlimit_setter`, as `prlimit` options (soft:hard)."""
+    options = []
+    if cpu_seconds is not None:
+        options.append(f"--cpu={cpu_seconds}:{cpu_seconds + 1}")
+    if memory_bytes is not None:
+        options.append(f"--as={memory_bytes}:{memory_bytes}")
+    return options
 
 
 def _rlimit_setter(cpu_seconds: int | None, memory_bytes: int | None) -> Callable[[], None] | None:
