@@ -86,17 +86,21 @@ async def upload_image(ref: str, request: Request, r: Repo, user: Viewer,
         return JSONResponse({"error": {"code": "unsupported_media_type",
                                        "message": "this server takes plain image bytes only"}},
                             status_code=415)
+    length = request.headers.get("content-length")
+    declared = int(length) if length and length.isdigit() else None
     try:
-        image = await r.upload(user, ref, stream, disk_format)
+        image = await r.upload(user, ref, stream, disk_format, size=declared)
     except ClientDisconnect:
         return JSONResponse({"error": {"code": "client_disconnect",
                                        "message": "upload interrupted"}}, status_code=400)
     except RainError:
         # A client still sending when the error response arrives often loses it
         # to a connection reset; reading (and dropping) a bounded rest of the
-        # body first lets it see why its upload was refused.
-        with contextlib.suppress(ClientDisconnect):
-            await _drain(stream, DRAIN_LIMIT)
+        # body first lets it see why its upload was refused — unless the body is
+        # larger than what would be read anyway.
+        if declared is None or declared <= DRAIN_LIMIT:
+            with contextlib.suppress(ClientDisconnect):
+                await _drain(stream, DRAIN_LIMIT)
         raise
     return JSONResponse(image.to_dict())
 

@@ -18,12 +18,14 @@ methods, so behaviour is identical.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import queue
 import re
 import ssl
 import threading
+import time
 from collections.abc import Callable, MutableMapping
 from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler
@@ -34,11 +36,13 @@ from fastapi import FastAPI
 
 from rain.api.errors import error_headers
 from rain.api.files import DRAIN_LIMIT, bearer_token, download_headers
+from rain.api.memory import release_memory
 from rain.api.ranges import RangeNotSatisfiable, parse_range
 from rain.api.sparse import MEDIA_TYPE, SparseBodyReader, sparse_header, sparse_parts, wants_sparse
+from rain.api.transfers import Transfers
 from rain.distribute.coordinator import Coordinator
 from rain.distribute.httpserver import ServingHTTPServer
-from rain.model import DiskFormat, InvalidRequest, RainError, User
+from rain.model import DiskFormat, Image, InvalidRequest, RainError, User
 from rain.repo import Download, Repository
 from rain.store import ImageReader
 
@@ -46,6 +50,7 @@ log = logging.getLogger("rain.api.native")
 FILE_PATH = re.compile(r"^/v1/images/([^/]+)/file$")
 MAX_API_BODY = 16 * 1024 * 1024
 IDLE_TIMEOUT = 300.0
+DRAIN_SECONDS = 10.0  # how long a refused upload's rest is read (and dropped) at most
 
 
 class BodyReader:
@@ -99,14 +104,15 @@ class BodyReader:
                 raise InvalidRequest(f"request body larger than {limit} bytes")
         return bytes(out)
 
-    def drain(self, limit: int) -> bool:
-        """Read and drop the rest (up to `limit`); True when the body was consumed."""
+    def drain(self, limit: int, deadline: float | None = None) -> bool:
+        """Read and drop the rest (up to `limit` bytes, until `deadline` on the monotonic
+        clock); True when the body was consumed."""
         buf = memoryview(bytearray(1024 * 1024))
         seen = 0
         try:
             while n := self.readinto(buf):
                 seen += n
-                if seen > limit:
+                if seen > limit or (deadline is not None and time.monotonic() > deadline):
                     return False
         except (EOFError, OSError, ValueError):
             return False
@@ -188,7 +194,8 @@ class RainHandler(BaseHTTPRequestHandler):
             if m and self.command == "PUT":
                 self._upload(unquote(m.group(1)), parse_qs(url.query))
             elif m and self.command in ("GET", "HEAD"):
-                self._download(unquote(m.group(1)), parse_qs(url.query))
+                with self.server.transfers.download():
+                    self._download(unquote(m.group(1)), parse_qs(url.query))
             else:
                 self._asgi(url.path, url.query)
         except RainError as exc:
@@ -241,17 +248,34 @@ class RainHandler(BaseHTTPRequestHandler):
     # -- image data --------------------------------------------------------------
     def _upload(self, ref: str, query: dict[str, list[str]]) -> None:
         raw = BodyReader(self.rfile, self.headers)
+        # Tracked until the answer is out: a stopping server waits for it.
+        with self.server.transfers.upload(self.connection) as interrupt:
+            try:
+                if self.server.transfers.stopping.is_set():
+                    raise Transfers.stopped()
+                image = self._receive(ref, query, raw, interrupt)
+            except RainError as exc:
+                self._refuse(exc, raw)  # its upload slot is already free
+                return
+            if image is None:
+                return
+            payload = json.dumps(image.to_dict()).encode()
+            self._start(200, {"Content-Type": "application/json",
+                              "Content-Length": str(len(payload))})
+            self.wfile.write(payload)
+
+    def _receive(self, ref: str, query: dict[str, list[str]], raw: BodyReader,
+                 interrupt: Callable[[], None]) -> Image | None:
+        """The upload itself: the active image, or None when the client went away."""
         body: BodyReader | SparseBodyReader = raw
-        declared = _format(query.get("disk_format"))
+        sparse = (self.headers.get("Content-Type") or "").startswith(MEDIA_TYPE)
+        image, session = self.repo.begin_upload(
+            self._viewer(), ref, _format(query.get("disk_format")), interrupt=interrupt,
+            size=None if sparse else raw.remaining)  # the sparse header declares its own
         try:
-            viewer = self._viewer()
-            image, session = self.repo.begin_upload(viewer, ref, declared)
-        except RainError:
-            self.close_connection = not raw.drain(DRAIN_LIMIT)
-            raise
-        try:
-            if (self.headers.get("Content-Type") or "").startswith(MEDIA_TYPE):
-                body = SparseBodyReader(raw, max_size=self.repo.config.max_virtual_size)
+            if sparse:
+                body = SparseBodyReader(raw, max_size=session.limits.max_image_size)
+                session.expect_size(body.header.size)
             while session.wants_header:
                 chunk = bytearray(session.header_missing)
                 n = body.readinto(memoryview(chunk))
@@ -269,18 +293,28 @@ class RainHandler(BaseHTTPRequestHandler):
         except BaseException as exc:
             session.abort()
             self.repo.end_upload(image, None)
+            if isinstance(exc, EOFError | OSError) and self.server.transfers.stopping.is_set():
+                raise Transfers.stopped() from None  # its socket was shut by the stop
             if isinstance(exc, EOFError):
                 self.close_connection = True
                 log.info("upload of %s interrupted: %s", image.id, exc)
-                return
-            if isinstance(exc, RainError):
-                # Let a client that is still sending read the answer.
-                self.close_connection = not raw.drain(DRAIN_LIMIT)
+                return None
             raise
-        payload = json.dumps(self.repo.end_upload(image, result).to_dict()).encode()
-        self._start(200, {"Content-Type": "application/json",
-                          "Content-Length": str(len(payload))})
-        self.wfile.write(payload)
+        return self.repo.end_upload(image, result)
+
+    def _refuse(self, exc: RainError, body: BodyReader) -> None:
+        """Answer a refused upload at once, then read and drop a bounded rest of its body:
+        a client still sending sees the answer instead of a reset, and one that waits
+        for it (it sent only what it had to: a header declaring too much) gets it now."""
+        self.close_connection = not body.done
+        self._error(exc.status, exc.code, exc.message, error_headers(exc) or None,
+                    exc.details)
+        if body.done or self.server.transfers.stopping.is_set():
+            return
+        with contextlib.suppress(OSError):
+            self.wfile.flush()
+            self.connection.settimeout(DRAIN_SECONDS)
+            body.drain(DRAIN_LIMIT, time.monotonic() + DRAIN_SECONDS)
 
     def _download(self, ref: str, query: dict[str, list[str]]) -> None:
         viewer = self._viewer()
@@ -436,6 +470,8 @@ class RainHTTPServer(ServingHTTPServer):
                  context: ssl.SSLContext | None = None) -> None:
         self.repo = repo
         self.bridge = ASGIBridge(app)
+        # Uploads and downloads in progress: stopped on shutdown; memory given back when idle.
+        self.transfers = Transfers(on_idle=release_memory)
         # Counts the bytes sent for deployments and reads their peer tokens.
         self.coordinator = coordinator
         super().__init__(address, RainHandler, context)

@@ -9,7 +9,6 @@ of the transfer speed (docs/benchmarks.md).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import signal
 import ssl
@@ -18,6 +17,7 @@ import threading
 from collections.abc import Callable
 
 from rain.api.app import create_app
+from rain.api.memory import tune_malloc
 from rain.api.prefetch import Prefetcher
 from rain.build.jobs import BuildQueue, load_runner
 from rain.config import Config
@@ -32,21 +32,9 @@ def open_repository(cfg: Config) -> Repository:
     return Repository.open(cfg.data_dir, cfg.db_url, cfg.store, cfg.repo)
 
 
-def tune_malloc() -> None:
-    """Keep freed memory for reuse instead of returning it to the kernel.
-
-    Request bodies arrive as a stream of large objects; with glibc's defaults
-    each can be a fresh mmap or a re-grown heap, i.e. page faults on every
-    byte received — expensive in a VM. The resident set stays bounded because
-    what an upload holds at once is bounded.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
-    libc.mallopt(m_trim_threshold, 256 * 1024 * 1024)
+# Seconds `rain serve` waits, once told to stop, for the uploads it stopped to wind down
+# (they notice within a fraction of a second) and, under uvicorn, for requests to end.
+STOP_GRACE = 5.0
 
 
 def start_builds(repo: Repository, cfg: Config) -> BuildQueue:
@@ -102,15 +90,28 @@ def run(cfg: Config, host: str, port: int, server: str = "native") -> None:
 
             uvicorn.run(app, host=host, port=port, log_level="warning", loop="uvloop",
                         http="httptools", ssl_certfile=cfg.server.tls_cert,
-                        ssl_keyfile=cfg.server.tls_key)
+                        ssl_keyfile=cfg.server.tls_key,
+                        timeout_graceful_shutdown=int(STOP_GRACE))
             return
         from rain.api.native import RainHTTPServer
 
         httpd = RainHTTPServer((host, port), repo, app, coordinator, tls_context(cfg))
-        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=httpd.shutdown).start())
+
+        def stop() -> None:
+            # Uploads first: a long one (declared zeros are hashed for minutes) must not
+            # keep the process alive; then the accept loop.
+            httpd.transfers.stop()
+            httpd.shutdown()
+
+        # The handler only starts a thread: shutdown() waits for the loop it interrupts.
+        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=stop).start())
         try:
             httpd.serve_forever(poll_interval=0.5)
         finally:
+            httpd.transfers.stop()  # also after Ctrl-C
+            if not httpd.transfers.wait_uploads(STOP_GRACE):
+                logging.getLogger("rain.api").warning("uploads still running at exit")
+            httpd.transfers.close()
             httpd.server_close()
     finally:
         prefetcher.stop()

@@ -22,10 +22,12 @@ from rain.model.sparse import (
     MEDIA_TYPE,
     SparseFormatError,
     SparseHeader,
+    SparseTooLarge,
     bitmap,
     check_map,
     parse_head,
 )
+from rain.repo.upload import too_large
 from rain.store import ImageReader
 from rain.store.manifest import ZERO_DIGEST, ImageManifest
 
@@ -42,7 +44,13 @@ class Body(Protocol):
 
 
 class SparseBodyReader:
-    """The decoded image behind a sparse request body, read like a plain body."""
+    """The decoded image behind a sparse request body, read like a plain body.
+
+    An image over `max_size` is refused (ImageTooLarge) from the fixed header alone,
+    before its map is read. Runs of absent segments are found and skipped by
+    scanning the map's bytes, never segment by segment: a terabyte in 4 KiB
+    segments is 268 million of them.
+    """
 
     def __init__(self, body: Body, *, max_size: int) -> None:
         self.body = body
@@ -50,6 +58,8 @@ class SparseBodyReader:
             segment, size, flags, map_len = parse_head(self._exact(HEAD_LEN), max_size=max_size)
             present = self._exact(map_len)
             check_map(segment, size, present)
+        except SparseTooLarge as exc:
+            raise too_large(exc.size, max_size) from None
         except SparseFormatError as exc:
             raise InvalidRequest(str(exc)) from None
         if flags & DIGESTS:
@@ -99,23 +109,28 @@ class SparseBodyReader:
             self._advance(take)
         return filled
 
+    def _position(self) -> int:
+        h = self.header
+        return self._index * h.segment + h.segment_length(self._index) - self._left
+
     def zero_run(self) -> int:
         """Bytes of zeros from here to the next present segment (0 inside a present one)."""
         h = self.header
         if self.done or h.is_present(self._index):
             return 0
-        n, i = self._left, self._index + 1
-        while i < h.count and not h.is_present(i):
-            n += h.segment_length(i)
-            i += 1
-        return n
+        end = min(h.next_present(self._index + 1) * h.segment, h.size)
+        return end - self._position()
 
     def skip(self, n: int) -> None:
         """Move past `n` bytes of a zero run (as `zero_run` reported) without producing them."""
-        while n > 0:
-            take = min(n, self._left)
-            self._advance(take)
-            n -= take
+        if n <= 0:
+            return
+        h = self.header
+        pos = self._position() + n
+        last = (pos - 1) // h.segment  # the segment of the last byte skipped
+        self._index = last
+        self._left = last * h.segment + h.segment_length(last) - pos
+        self._advance(0)
 
     def _advance(self, n: int) -> None:
         self._left -= n

@@ -12,6 +12,7 @@ import json
 import os
 import ssl
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import httpx
 from rain.client.builds import BuildCalls, BuildUpdate
 from rain.client.deployments import DeployCalls
 from rain.client.nodes import NodeCalls
-from rain.client.transfer import Phase, download_file, upload_file
+from rain.client.transfer import BUSY, Phase, download_file, upload_file
 from rain.client.users import UserCalls
 from rain.model.errors import ERRORS_BY_CODE, ImageRebuilding, InvalidImage, RainError
 
@@ -74,13 +75,23 @@ class Client(BuildCalls, NodeCalls, DeployCalls, UserCalls):
         """`progress(n)`: bytes of the file done; `phase(what, total)`: what it does now
         (rain.client.transfer)."""
         query = f"?disk_format={disk_format}" if disk_format else ""
-        try:
-            reply = upload_file(f"{self.url}/v1/images/{ref}/file{query}", Path(path),
-                                self._auth, timeout=self.timeout, progress=progress,
-                                sparse=self.sparse, context=self.context, phase=phase)
-        except OSError as exc:
-            raise RainError(f"upload of {path} was cut off before the server answered ({exc}); "
-                            "the image was not stored") from None
+        # A server at its limit of uploads in progress answers 429 before any work: wait
+        # as it says and try again, for as long as a transfer may take (`timeout`).
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                reply = upload_file(f"{self.url}/v1/images/{ref}/file{query}", Path(path),
+                                    self._auth, timeout=self.timeout, progress=progress,
+                                    sparse=self.sparse, context=self.context, phase=phase)
+            except OSError as exc:
+                raise RainError(f"upload of {path} was cut off before the server answered "
+                                f"({exc}); the image was not stored") from None
+            wait = _retry_after(reply.headers) if reply.status == 429 else None
+            if wait is None or time.monotonic() + wait > deadline:
+                break
+            if phase:
+                phase(BUSY, None)
+            time.sleep(wait)
         _raise_for_reply(reply.status, reply.body)
         return dict(json.loads(reply.body))
 
@@ -276,6 +287,13 @@ def api_token(token: str | None) -> str | None:
                         "non-ASCII characters; tokens are printable ASCII, e.g. as in "
                         "var/admin.token")
     return token or None
+
+
+def _retry_after(headers: dict[str, str]) -> float:
+    try:
+        return min(max(float(headers.get("retry-after", "5")), 1.0), 60.0)
+    except ValueError:
+        return 5.0
 
 
 def _raise_for(resp: httpx.Response) -> None:

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import http.client
 import os
+import select
 import socket
 import ssl
 from collections.abc import Callable
@@ -49,6 +50,11 @@ STORING = "the server checks and stores it"
 WAITING = "waiting for the server"
 CONVERTING = "converting on the server"
 RECEIVING = "receiving"
+BUSY = "the server is at its limit of uploads: waiting to push again"
+
+
+class ServerAnswered(Exception):
+    """The server answered before the body was all sent (a refusal): stop sending."""
 
 
 @dataclass
@@ -107,7 +113,8 @@ def _put(url: str, path: Path, headers: dict[str, str], timeout: float,
             conn.putheader(key, value)
         conn.endheaders()
         # If the server refuses mid-way its reply (if any) says why.
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError), open(path, "rb") as f:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError, ServerAnswered), \
+                open(path, "rb") as f:
             if sparse is None:
                 _send_range(conn, f, 0, size, progress)
             else:
@@ -133,11 +140,16 @@ def _send_range(conn: http.client.HTTPConnection, f: BinaryIO, offset: int, leng
                 progress: Progress | None) -> None:
     sock = conn.sock
     assert sock is not None
+    # TLS: no sendfile, and no early answer to look for — a readable socket may only
+    # hold the server's session tickets (TLS 1.3 sends them after the handshake).
+    plain = isinstance(sock, socket.socket) and not hasattr(sock, "context")
     sent = 0
     while sent < length:
-        if isinstance(sock, socket.socket) and not hasattr(sock, "context"):
+        if plain and select.select([sock], [], [], 0)[0]:  # an early answer is a refusal
+            raise ServerAnswered
+        if plain:
             n = sock.sendfile(f, offset + sent, min(SENDFILE_STEP, length - sent))
-        else:  # TLS: no sendfile
+        else:
             f.seek(offset + sent)
             data = f.read(min(BUFFER, length - sent))
             sock.sendall(data)

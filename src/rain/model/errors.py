@@ -64,6 +64,28 @@ class QuotaExceeded(RainError):
     status = 413
 
 
+class ImageTooLarge(RainError):
+    """The image is over the server's size cap (`[repo] max_image_size`, Glance's
+    `image_size_cap`): refused from its declared size, or as its bytes arrive."""
+
+    code = "image_too_large"
+    status = 413
+
+
+class TooManyRequests(RainError):
+    """Too much at once (e.g. uploads in progress): try again after `retry_after` seconds."""
+
+    code = "too_many_requests"
+    status = 429
+
+    def __init__(self, message: str, *, retry_after: int | None = None,
+                 details: dict[str, Any] | None = None) -> None:
+        merged = dict(details or {})
+        if retry_after is not None:
+            merged["retry_after"] = retry_after
+        super().__init__(message, details=merged)
+
+
 class InvalidImage(RainError):
     """The image content is unsafe, inconsistent or not what it claims to be."""
 
@@ -146,6 +168,8 @@ ERRORS_BY_CODE: dict[str, type[RainError]] = {
         Conflict,
         AmbiguousReference,
         QuotaExceeded,
+        ImageTooLarge,
+        TooManyRequests,
         InvalidImage,
         Unsupported,
         Unavailable,

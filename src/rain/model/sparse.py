@@ -24,6 +24,7 @@ only: both the client and the API use it.
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -35,10 +36,20 @@ _HEAD = struct.Struct(">8sIQII")
 HEAD_LEN = _HEAD.size
 MIN_SEGMENT = 4096
 MAX_SEGMENT = 4 * 1024 * 1024
+_NONZERO = re.compile(rb"[^\x00]")
 
 
 class SparseFormatError(ValueError):
     """The sparse header or map is malformed."""
+
+
+class SparseTooLarge(SparseFormatError):
+    """The header declares an image over the receiver's size limit (checked first, before
+    anything else of the body is read)."""
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
 
 
 @dataclass(frozen=True)
@@ -62,10 +73,28 @@ class SparseHeader:
     def present_indices(self) -> list[int]:
         return [i for i in range(self.count) if self.is_present(i)]
 
+    def present_count(self) -> int:
+        return int.from_bytes(self.present, "little").bit_count()
+
+    def next_present(self, index: int) -> int:
+        """The first present segment at or after `index` (`count` if none): a byte scan at
+        C speed, since a map can describe a terabyte in 4 KiB segments."""
+        if index >= self.count:
+            return self.count
+        pos = index >> 3
+        rest = self.present[pos] >> (index & 7)
+        if rest:
+            return min(index + (rest & -rest).bit_length() - 1, self.count)
+        found = _NONZERO.search(self.present, pos + 1)
+        if found is None:
+            return self.count
+        byte = self.present[found.start()]
+        return min(found.start() * 8 + (byte & -byte).bit_length() - 1, self.count)
+
     def data_length(self) -> int:
         """Bytes of segment data in the body."""
         n = self.count
-        present = sum(bin(b).count("1") for b in self.present)
+        present = self.present_count()
         if n and self.is_present(n - 1):
             return (present - 1) * self.segment + self.segment_length(n - 1)
         return present * self.segment
@@ -73,7 +102,7 @@ class SparseHeader:
     def digests_length(self) -> int:
         if not self.flags & DIGESTS:
             return 0
-        return sum(bin(b).count("1") for b in self.present) * DIGEST_LEN
+        return self.present_count() * DIGEST_LEN
 
     def body_length(self) -> int:
         """The whole encoded body: header, map, digests and data."""
@@ -107,8 +136,8 @@ def parse_head(head: bytes, *, max_size: int) -> tuple[int, int, int, int]:
         raise SparseFormatError(f"sparse body: segment size {segment} is not a power of two "
                                 f"between {MIN_SEGMENT} and {MAX_SEGMENT}")
     if size > max_size:
-        raise SparseFormatError(f"sparse body: image size {size} is over the limit of "
-                                f"{max_size} bytes")
+        raise SparseTooLarge(f"sparse body: image size {size} is over the limit of "
+                             f"{max_size} bytes", size)
     if flags & ~DIGESTS:
         raise SparseFormatError(f"sparse body: unknown flags {flags:#x}")
     if map_len != map_length(size, segment):

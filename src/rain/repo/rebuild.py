@@ -13,6 +13,8 @@ back through `restore_file`, which keeps the image id.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -57,8 +59,8 @@ class PurgeAndRebuild:
     if TYPE_CHECKING:
         def run_activation_hooks(self, image: Image) -> None: ...
         def _require_read(self, viewer: User | None) -> None: ...
-        def _upload_session(self, image: Image,
-                            declared: DiskFormat | None) -> UploadSession: ...
+        def _upload_session(self, image: Image, declared: DiskFormat | None,
+                            interrupt: Callable[[], None] | None = None) -> UploadSession: ...
 
     # -- purge ---------------------------------------------------------------
     def purge(self, viewer: User | None, ref: str) -> Image:
@@ -204,6 +206,7 @@ def feed_file(session: UploadSession, path: Path) -> UploadResult:
     """Read a local file into an upload session (the builders' path into the store)."""
     try:
         with open(path, "rb") as f:
+            session.expect_size(os.fstat(f.fileno()).st_size)
             while session.wants_header:
                 piece = f.read(session.header_missing)
                 if not piece:

@@ -45,6 +45,7 @@ from rain.repo.deployments import DeploymentRecords
 from rain.repo.detect import detect_and_record, forget_detected
 from rain.repo.nodes import NodeRegistry
 from rain.repo.rebuild import PurgeAndRebuild, Rebuilder, feed_file
+from rain.repo.slots import UploadSlots
 from rain.repo.upload import UploadLimits, UploadResult, UploadSession, stream_into_store
 from rain.repo.users import UserAdmin
 from rain.store import ChunkStore, FilesystemBackend, GcReport, ImageManifest, StoreConfig, collect
@@ -80,6 +81,7 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, 
         # finished the upload, before its response: a hook with real work to do (hashing
         # a torrent) hands it to a thread of its own.
         self.activation_hooks: list[Callable[[Image], None]] = []
+        self.upload_slots = UploadSlots(config)  # uploads in progress, per user and in all
 
     @classmethod
     def open(cls, data_dir: Path, db_url: str, store_config: StoreConfig | None = None,
@@ -197,28 +199,52 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, 
         return self.catalog.create_image(user, name=name, tags=tags, properties=properties,
                                          packages=packages, **fields)
 
-    def begin_upload(self, viewer: User | None, ref: str,
-                     declared: DiskFormat | None = None) -> tuple[Image, UploadSession]:
-        """Claim a queued image for upload (queued → saving) and set up its session."""
+    def begin_upload(self, viewer: User | None, ref: str, declared: DiskFormat | None = None,
+                     *, size: int | None = None, counted: bool = True,
+                     interrupt: Callable[[], None] | None = None) -> tuple[Image, UploadSession]:
+        """Claim a queued image for upload (queued → saving) and set up its session.
+
+        A `counted` upload (a client's) counts against `max_uploads_per_user` /
+        `max_uploads` until `end_upload` (429 beyond); a declared `size` over
+        `max_image_size` is refused (413) before any byte is read. `interrupt` is
+        called while the upload waits for its own work: it raises to end the upload
+        (client gone, server stopping).
+        """
         image = self.catalog.resolve(ref, require_user(viewer))
         require_modify(viewer, image, "upload data to")
-        if image.status != ImageStatus.QUEUED or not self.catalog.transition(
-                image.id, [ImageStatus.QUEUED], ImageStatus.SAVING):
-            raise Conflict(f"image {image.id} is {image.status}, not queued: images are "
-                           "write-once, push a new image instead")
-        return image, self._upload_session(image, declared or image.disk_format)
+        state = image.status if image.status != ImageStatus.QUEUED else "being uploaded"
+        conflict = Conflict(f"image {image.id} is {state}, not queued: images are "
+                            "write-once, push a new image instead")
+        if image.status != ImageStatus.QUEUED:
+            raise conflict
+        if counted:
+            self.upload_slots.acquire(require_user(viewer).name, image.id)
+        if not self.catalog.transition(image.id, [ImageStatus.QUEUED], ImageStatus.SAVING):
+            if counted:
+                self.upload_slots.release(image.id)
+            raise conflict
+        try:
+            session = self._upload_session(image, declared or image.disk_format, interrupt)
+            if size is not None:
+                session.expect_size(size)
+        except BaseException:
+            self.end_upload(image, None)
+            raise
+        return image, session
 
-    def _upload_session(self, image: Image, declared: DiskFormat | None) -> UploadSession:
+    def _upload_session(self, image: Image, declared: DiskFormat | None,
+                        interrupt: Callable[[], None] | None = None) -> UploadSession:
         owner = self.catalog.get_user(image.owner)
         used, _ = self.catalog.usage_totals(owner.id)
         quota_left = None if owner.quota_bytes is None else max(owner.quota_bytes - used, 0)
         limits = UploadLimits(self.config.max_virtual_size, quota_left, owner.name,
-                              self.tool_limits)
+                              self.tool_limits, max_image_size=self.config.max_image_size)
         return UploadSession(self.store, declared=declared, limits=limits,
-                             spool_dir=self.work_dir)
+                             spool_dir=self.work_dir, interrupt=interrupt)
 
     def end_upload(self, image: Image, result: UploadResult | None) -> Image:
         """saving → active with the stored data, or → killed when `result` is None."""
+        self.upload_slots.release(image.id)  # its work is done
         if result is None:
             self.catalog.transition(image.id, [ImageStatus.SAVING], ImageStatus.KILLED)
             return image
@@ -235,8 +261,8 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, 
         return active
 
     async def upload(self, viewer: User | None, ref: str, body: AsyncIterator[bytes],
-                     declared: DiskFormat | None = None) -> Image:
-        image, session = self.begin_upload(viewer, ref, declared)
+                     declared: DiskFormat | None = None, size: int | None = None) -> Image:
+        image, session = self.begin_upload(viewer, ref, declared, size=size)
         try:
             result = await stream_into_store(session, body)
         except BaseException:
@@ -247,8 +273,11 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, 
 
     def upload_file(self, viewer: User | None, ref: str, path: Path,
                     declared: DiskFormat | None = None) -> Image:
-        """Upload a local file into a queued image, synchronously (builders use this)."""
-        image, session = self.begin_upload(viewer, ref, declared)
+        """Upload a local file into a queued image, synchronously (builders use this).
+
+        Not counted against the uploads in progress: builds are bounded by
+        `[build] max_concurrent`, and one must not fail at its very end for a push."""
+        image, session = self.begin_upload(viewer, ref, declared, counted=False)
         try:
             result = feed_file(session, path)
         except BaseException:

@@ -6,6 +6,10 @@ rest only chunked. Formats with metadata (qcow2, vmdk, ...) are also spooled to
 a temporary file so qemu-img can inspect and check the whole thing before the
 image may become active. Any failure leaves the image `killed`, invisible to
 users, and its chunks for gc.
+
+What one upload can cost is bounded by `max_image_size`: checked against the
+size a front end declares before any byte is hashed (`expect_size`), and
+again as bytes — or declared zeros — arrive.
 """
 
 from __future__ import annotations
@@ -13,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from rain.formats import HEADER_BYTES, ToolLimits, inspect_file, inspect_header
+from rain.formats import HEADER_BYTES, ToolLimits, human_size, inspect_file, inspect_header
 from rain.model import DiskFormat, InvalidImage, QuotaExceeded
+from rain.model.errors import ImageTooLarge
 from rain.store import ChunkStore, ImageManifest, ImageWriter
 
 BLOCK = 4 * 1024 * 1024
@@ -41,6 +46,7 @@ class UploadLimits:
     quota_left: int | None  # bytes this upload may add to the store; None = unlimited
     quota_owner: str
     tool: ToolLimits
+    max_image_size: int = 1024**4
 
 
 class UploadSession:
@@ -52,8 +58,11 @@ class UploadSession:
     """
 
     def __init__(self, store: ChunkStore, *, declared: DiskFormat | None,
-                 limits: UploadLimits, spool_dir: Path) -> None:
+                 limits: UploadLimits, spool_dir: Path,
+                 interrupt: Callable[[], None] | None = None) -> None:
         self.store = store
+        # Called while the upload waits for its own work (see ImageWriter): raise to end it.
+        self.interrupt = interrupt
         self.declared = declared
         self.limits = limits
         self.spool_dir = spool_dir
@@ -72,12 +81,20 @@ class UploadSession:
     def header_missing(self) -> int:
         return max(HEADER_BYTES - len(self.header), 0)
 
+    def expect_size(self, size: int) -> None:
+        """The size the client declares (Content-Length, a sparse header, a file's size):
+        refused at once when over the cap, before any byte is read or hashed."""
+        if size > self.limits.max_image_size:
+            raise too_large(size, self.limits.max_image_size)
+
     def feed(self, data: bytes | memoryview) -> None:
         if self.writer is None:
+            self._grow(len(data), len(self.header))
             self.header += data
             if len(self.header) >= HEADER_BYTES:
                 self._start()
             return
+        self._grow(len(data), self.writer.size)
         self.writer.write(data)
         self._check()
 
@@ -93,11 +110,17 @@ class UploadSession:
     def zeros(self, n: int) -> None:
         """`n` bytes known to be zero (a hole in a sparse upload): nothing to copy or store."""
         assert self.writer is not None, "feed the header first"
+        self._grow(n, self.writer.size)  # before a terabyte of zeros is queued for hashing
         self.writer.write_zeros(n)
         self._check()
 
     def backpressure(self) -> Future[object] | None:
         return self.writer.backpressure() if self.writer is not None else None
+
+    def stop(self) -> None:
+        """From another thread: make the upload's work end soon (see ImageWriter.stop)."""
+        if self.writer is not None:
+            self.writer.stop()
 
     def finish(self) -> UploadResult:
         if self.writer is None:
@@ -140,12 +163,14 @@ class UploadSession:
             # Closed (and so deleted) by close().
             self.spool = tempfile.NamedTemporaryFile(  # noqa: SIM115
                 dir=self.spool_dir, prefix="upload-")  # type: ignore[assignment]
-        self.writer = ImageWriter(self.store, spool=self.spool)
+        self.writer = ImageWriter(self.store, spool=self.spool, interrupt=self.interrupt)
         self.writer.write(header)
 
     def _check(self, force: bool = False) -> None:
         w = self.writer
         assert w is not None
+        if w.size > self.limits.max_image_size:
+            raise too_large(None, self.limits.max_image_size)
         if not force and w.size - self._checked_at < BLOCK:
             return
         self._checked_at = w.size
@@ -156,6 +181,19 @@ class UploadSession:
             raise QuotaExceeded("upload stopped: it would exceed the storage quota of user "
                                 f"{self.limits.quota_owner!r}")
 
+    def _grow(self, n: int, have: int) -> None:
+        if have + n > self.limits.max_image_size:
+            raise too_large(None, self.limits.max_image_size)
+
+
+def too_large(size: int | None, cap: int) -> ImageTooLarge:
+    """`size` as declared, or None for an image found too large as its bytes arrived."""
+    what = f"an image of {human_size(size)} ({size} bytes)" if size is not None else \
+        "the image"
+    return ImageTooLarge(f"{what} is larger than this server's limit of {human_size(cap)} "
+                         f"({cap} bytes, [repo] max_image_size)",
+                         details={"max_image_size": cap})
+
 
 async def stream_into_store(session: UploadSession, body: AsyncIterator[bytes]) -> UploadResult:
     """The ASGI front end: pieces from an async body, waits without blocking the loop."""
@@ -165,7 +203,21 @@ async def stream_into_store(session: UploadSession, body: AsyncIterator[bytes]) 
                 with contextlib.suppress(Exception):  # errors surface again in finish()
                     await asyncio.wrap_future(fut)
             session.feed(piece)
-        return await asyncio.to_thread(session.finish)
+    except BaseException:
+        session.abort()
+        raise
+    try:
+        return await asyncio.to_thread(_finish_or_abort, session)
+    except asyncio.CancelledError:
+        # The server is stopping: finish() runs on in its thread and aborts there once it
+        # sees the stop (aborting from here would race with it).
+        session.stop()
+        raise
+
+
+def _finish_or_abort(session: UploadSession) -> UploadResult:
+    try:
+        return session.finish()
     except BaseException:
         session.abort()
         raise
