@@ -224,7 +224,7 @@ def test_a_huge_hole_is_skipped_without_walking_its_segments() -> None:
     present[-1] = 0x80  # only the last segment holds data
     data = os.urandom(segment)
     body = _Body(SparseHeader(segment, size, 0, bytes(present)).pack() + data)
-    reader = SparseBodyReader(body, max_size=size)
+    reader = SparseBodyReader(body, max_size=size, max_map=len(present))  # over the server's
     got: list[int] = []
 
     def walk() -> None:
@@ -265,7 +265,7 @@ def test_per_user_and_server_upload_caps(capped: Server, tmp_path: Path) -> None
     with connect(capped) as first:
         put_head(first, imgs["ann"][0], ann, 2 * MiB)
         first.sendall(os.urandom(MiB + 1))  # past the header: the upload is under way
-        wait_status(capped, imgs["ann"][0], "saving")
+        assert wait_status(capped, imgs["ann"][0], "saving") == "saving"
         with connect(capped) as second:  # ann again: over her cap of 1
             put_head(second, imgs["ann"][1], ann, 2 * MiB)
             status, headers, reply = read_reply(second)
@@ -283,7 +283,7 @@ def test_per_user_and_server_upload_caps(capped: Server, tmp_path: Path) -> None
         with connect(capped) as other:  # ben is not held up by ann ...
             put_head(other, imgs["ben"][0], ben, 2 * MiB)
             other.sendall(os.urandom(MiB + 1))
-            wait_status(capped, imgs["ben"][0], "saving")
+            assert wait_status(capped, imgs["ben"][0], "saving") == "saving"
             with connect(capped) as third:  # ... but the server's cap of 2 holds cat up
                 put_head(third, imgs["cat"][0], cat, 2 * MiB)
                 status, _, reply = read_reply(third)
@@ -309,7 +309,7 @@ def test_rain_client_waits_for_a_free_slot_when_told_to_retry(capped: Server,
     with connect(capped) as sock:
         put_head(sock, held, token, 2 * MiB)
         sock.sendall(os.urandom(MiB + 1))
-        wait_status(capped, held, "saving")
+        assert wait_status(capped, held, "saving") == "saving"
         t = threading.Thread(target=lambda: outcome.append(Client(capped.url, token).upload(
             waiting, small)), daemon=True)
         t.start()
@@ -365,7 +365,7 @@ def test_client_gone_mid_body_kills_the_image_and_frees_the_worker(capped: Serve
     with connect(capped) as sock:
         put_head(sock, image["id"], token, 3 * MiB)
         sock.sendall(os.urandom(MiB + 10))
-        wait_status(capped, image["id"], "saving")
+        assert wait_status(capped, image["id"], "saving") == "saving"
     assert wait_status(capped, image["id"], "killed") == "killed"
     again = c.create_image(name="whole")
     with connect(capped) as sock:
@@ -373,6 +373,53 @@ def test_client_gone_mid_body_kills_the_image_and_frees_the_worker(capped: Serve
         sock.sendall(os.urandom(MiB))
         status, _, reply = read_reply(sock)
     assert status == 200, reply
+
+
+def test_clients_gone_mid_way_through_large_uploads_never_use_up_the_slots(
+        tmp_path: Path) -> None:
+    """Past the first buffers (over 8 MiB: the pool then unmaps spare blocks while the
+    interrupted read still holds a view of one), a client leaving must still free its slot.
+    One slot on the whole server: any leak and the next push is 429."""
+    s = start_server(tmp_path / "srv", extra_env={
+        "RAIN_REPO__MAX_UPLOADS_PER_USER": "1", "RAIN_REPO__MAX_UPLOADS": "1"})
+    try:
+        token = user(s, "flaky")
+        c = Client(s.url, token)
+        for i in range(3):
+            image = c.create_image(name=f"cut-{i}")
+            with connect(s) as sock:
+                put_head(sock, image["id"], token, 200 * MiB)
+                for _ in range(40):
+                    sock.sendall(os.urandom(MiB))
+                assert wait_status(s, image["id"], "saving") == "saving"
+            assert wait_status(s, image["id"], "killed") == "killed"
+        whole = c.create_image(name="whole")
+        with connect(s) as sock:
+            put_head(sock, whole["id"], token, MiB)
+            sock.sendall(os.urandom(MiB))
+            status, _, reply = read_reply(sock)
+        assert status == 200 and reply["status"] == "active", reply
+        log = s.log.read_text()
+        assert "BufferError" not in log and "Traceback" not in log, log[-2000:]
+    finally:
+        stop_server(s.proc)
+
+
+def test_a_sparse_map_too_large_for_its_image_is_refused_before_it_is_read(
+        server: Server) -> None:
+    """1 TiB in 4 KiB segments is a 32 MiB map: 28 bytes must not buy that buffer."""
+    c = Client(server.url, server.token)
+    image = c.create_image(name="fine-grained")
+    head = struct.pack(">8sIQII", b"RAINSPv1", 4096, TiB, 0, map_length(TiB, 4096))
+    assert map_length(TiB, 4096) == 32 * MiB
+    with connect(server) as sock:
+        put_head(sock, image["id"], server.token, 28 + 32 * MiB, MEDIA_TYPE)
+        sock.sendall(head)  # the map never follows
+        status, _, reply = read_reply(sock)
+    assert status == 400, reply
+    message = reply["error"]["message"]
+    assert "segments of at least 131072 bytes" in message and "\n" not in message
+    assert wait_status(server, image["id"], "killed") == "killed"
 
 
 # -- SIGTERM -----------------------------------------------------------------------------------

@@ -93,3 +93,65 @@ def test_qemu_img_over_its_memory_limit_is_killed_and_reported(raw_image: Path) 
     with pytest.raises(ToolFailed, match="qemu-img") as err:
         qemu.info(raw_image, DiskFormat.RAW, ToolLimits(memory_bytes=16 << 20))
     assert "memory limit" in err.value.message or "exit" in err.value.message
+
+
+# -- how the limits are applied ---------------------------------------------------------------
+
+def _in_child(code: str) -> str:
+    """Run `code` in a fresh interpreter (its limits must not leak into the test process)."""
+    import subprocess
+
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_limits_never_ask_above_the_hard_limit_already_set() -> None:
+    """An operator's tighter hard limit (or a server without CAP_SYS_RESOURCE) must not make
+    every limited tool fail to start: the ceiling is clamped to it and applies."""
+    got = _in_child(
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_CPU, (7, 7))\n"
+        "from rain.formats.tool import run_tool\n"
+        "p = run_tool(['sh', '-c', 'ulimit -t'], timeout=10, cpu_seconds=30)\n"
+        "print(p.stdout.decode().strip())\n")
+    assert got == "7"
+
+
+def test_the_fork_fallback_applies_the_same_limits() -> None:
+    """Without prlimit the limits are set between fork and exec: still enforced."""
+    got = _in_child(
+        "import rain.formats.tool as t\n"
+        "t.PRLIMIT = None\n"
+        "p = t.run_tool(['sh', '-c', 'ulimit -t; ulimit -v'], timeout=10, cpu_seconds=9,\n"
+        "               memory_bytes=512 << 20)\n"
+        "print(' '.join(p.stdout.decode().split()))\n")
+    assert got == f"9 {512 << 10}"
+
+
+def test_the_tool_is_found_on_the_childs_path(tmp_path: Path) -> None:
+    """`env` decides which binary runs, with or without limits: the same one either way."""
+    tool = tmp_path / "rain-probe-tool"
+    tool.write_text("#!/bin/sh\necho from-the-child-path\n")
+    tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for limits in ({}, {"cpu_seconds": 5}):
+        proc = run_tool(["rain-probe-tool"], timeout=10, env=env, **limits)  # type: ignore[arg-type]
+        assert proc.stdout.strip() == b"from-the-child-path"
+
+
+def test_a_failing_prlimit_is_not_read_as_the_tools_answer(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`qemu-img compare` answers with its exit status (1 = differ): a prlimit that could
+    not start the tool must be an error, not 'the images differ'."""
+    import rain.formats.tool as tool_module
+
+    fake = tmp_path / "prlimit"
+    fake.write_text("#!/bin/sh\necho 'prlimit: failed to set the CPU resource limit: "
+                    "Operation not permitted' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(tool_module, "PRLIMIT", str(fake))
+    with pytest.raises(ToolFailed, match="could not be started under its limits") as err:
+        run_tool(["true"], timeout=10, cpu_seconds=5, check=False)
+    assert not isinstance(err.value, ToolExitError)

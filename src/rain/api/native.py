@@ -291,8 +291,10 @@ class RainHandler(BaseHTTPRequestHandler):
                 session.commit(n)
             result = session.finish()
         except BaseException as exc:
-            session.abort()
-            self.repo.end_upload(image, None)
+            try:
+                session.abort()
+            finally:
+                self.repo.end_upload(image, None)  # its slot goes back whatever abort raised
             if isinstance(exc, EOFError | OSError) and self.server.transfers.stopping.is_set():
                 raise Transfers.stopped() from None  # its socket was shut by the stop
             if isinstance(exc, EOFError):

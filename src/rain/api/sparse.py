@@ -25,6 +25,7 @@ from rain.model.sparse import (
     SparseTooLarge,
     bitmap,
     check_map,
+    map_length,
     parse_head,
 )
 from rain.repo.upload import too_large
@@ -34,6 +35,15 @@ from rain.store.manifest import ZERO_DIGEST, ImageManifest
 __all__ = ["MEDIA_TYPE", "SparseBodyReader", "sparse_header", "sparse_parts", "wants_sparse"]
 
 _memset = ctypes.memset
+# Largest map a sparse upload may send: 8 Mi segments, 2 TiB at rain's client's 256 KiB.
+MAX_UPLOAD_MAP = 1024 * 1024
+
+
+def _min_segment(size: int, max_map: int) -> int:
+    segment = 4096
+    while map_length(size, segment) > max_map:
+        segment *= 2
+    return segment
 
 
 class Body(Protocol):
@@ -52,10 +62,15 @@ class SparseBodyReader:
     segments is 268 million of them.
     """
 
-    def __init__(self, body: Body, *, max_size: int) -> None:
+    def __init__(self, body: Body, *, max_size: int, max_map: int = MAX_UPLOAD_MAP) -> None:
         self.body = body
         try:
             segment, size, flags, map_len = parse_head(self._exact(HEAD_LEN), max_size=max_size)
+            if map_len > max_map:
+                # 28 bytes must not buy a large buffer: small segments suit small images.
+                raise InvalidRequest(
+                    f"sparse upload: a map of {map_len} bytes is over {max_map}; send "
+                    f"{size} bytes in segments of at least {_min_segment(size, max_map)} bytes")
             present = self._exact(map_len)
             check_map(segment, size, present)
         except SparseTooLarge as exc:

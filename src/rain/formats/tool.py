@@ -99,13 +99,19 @@ def run_tool(
     args = [str(a) for a in argv]
     tool = os.path.basename(args[0])
     preexec = None
-    if cpu_seconds is not None or memory_bytes is not None:
-        if PRLIMIT is not None and shutil.which(args[0]) is not None:
-            args = [PRLIMIT, *_prlimit_options(cpu_seconds, memory_bytes), "--", *args]
-        else:  # (a missing tool is reported as such below)
-            preexec = _rlimit_setter(cpu_seconds, memory_bytes)
     run_env = dict(os.environ if env is None else env)
     run_env.setdefault("LC_ALL", "C")  # stable, parseable messages
+    via_prlimit = False
+    if cpu_seconds is not None or memory_bytes is not None:
+        # The tool as the child would find it (its PATH, not ours), named in full so
+        # prlimit runs exactly that; missing, it is reported as such below.
+        found = shutil.which(args[0], path=run_env.get("PATH", os.defpath))
+        if PRLIMIT is not None and found is not None:
+            args = [PRLIMIT, *_prlimit_options(cpu_seconds, memory_bytes), "--", found,
+                    *args[1:]]
+            via_prlimit = True
+        else:
+            preexec = _rlimit_setter(cpu_seconds, memory_bytes)
     try:
         proc = subprocess.Popen(
             args,
@@ -141,6 +147,11 @@ def run_tool(
 
     stderr = _decode(err)
     rc = proc.returncode
+    if via_prlimit and rc != 0 and stderr.startswith("prlimit: "):
+        # prlimit itself failed (limits refused, exec failed): the tool never ran, so
+        # its exit status must not be read as the tool's answer.
+        raise ToolFailed(_message(tool, "could not be started under its limits", stderr),
+                         tool=tool, stderr=stderr)
     if rc < 0:
         raise ToolFailed(
             _message(tool, _signal_reason(-rc, cpu_seconds, memory_bytes), stderr),
@@ -239,28 +250,38 @@ def _signal_reason(signum: int, cpu_seconds: int | None, memory_bytes: int | Non
 PRLIMIT = shutil.which("prlimit")
 
 
+def _limits(cpu_seconds: int | None,
+            memory_bytes: int | None) -> list[tuple[str, int, tuple[int, int]]]:
+    """(prlimit option, resource, (soft, hard)) for each ceiling, never above the hard
+    limit this process already has: a child cannot raise it without privilege, and a
+    tighter ceiling set by the operator is the one that applies."""
+    wanted: list[tuple[str, int, tuple[int, int]]] = []
+    if cpu_seconds is not None:
+        # Soft limit sends SIGXCPU; the hard limit one second later is a SIGKILL
+        # for a tool that catches or ignores SIGXCPU.
+        wanted.append(("cpu", resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1)))
+    if memory_bytes is not None:
+        wanted.append(("as", resource.RLIMIT_AS, (memory_bytes, memory_bytes)))
+    limits = []
+    for option, which, (soft, hard) in wanted:
+        current = resource.getrlimit(which)[1]
+        if current != resource.RLIM_INFINITY:
+            soft, hard = min(soft, current), min(hard, current)
+        limits.append((option, which, (soft, hard)))
+    return limits
+
+
 def _prlimit_options(cpu_seconds: int | None, memory_bytes: int | None) -> list[str]:
     """The same limits as `_rlimit_setter`, as `prlimit` options (soft:hard)."""
-    options = []
-    if cpu_seconds is not None:
-        options.append(f"--cpu={cpu_seconds}:{cpu_seconds + 1}")
-    if memory_bytes is not None:
-        options.append(f"--as={memory_bytes}:{memory_bytes}")
-    return options
+    return [f"--{option}={soft}:{hard}"
+            for option, _, (soft, hard) in _limits(cpu_seconds, memory_bytes)]
 
 
 def _rlimit_setter(cpu_seconds: int | None, memory_bytes: int | None) -> Callable[[], None] | None:
     """A preexec function applying the limits in the child, or None when there are none."""
-    limits: list[tuple[int, tuple[int, int]]] = []
-    if cpu_seconds is not None:
-        # Soft limit sends SIGXCPU; the hard limit one second later is a SIGKILL
-        # for a tool that catches or ignores SIGXCPU.
-        limits.append((resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1)))
-    if memory_bytes is not None:
-        limits.append((resource.RLIMIT_AS, (memory_bytes, memory_bytes)))
-    if not limits:
+    frozen = tuple((which, value) for _, which, value in _limits(cpu_seconds, memory_bytes))
+    if not frozen:
         return None
-    frozen = tuple(limits)
 
     def apply() -> None:
         for which, value in frozen:

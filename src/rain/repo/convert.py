@@ -33,10 +33,14 @@ def materialize(store: ChunkStore, manifest: ImageManifest, path: Path, image_id
 
 def store_file(store: ChunkStore, path: Path) -> tuple[ImageManifest, str, int]:
     writer = ImageWriter(store)
-    with open(path, "rb") as f:
-        while block := f.read(4 * 1024 * 1024):
-            writer.write(block)
-            writer.wait()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(4 * 1024 * 1024):
+                writer.write(block)
+                writer.wait()
+    except BaseException:
+        writer.abort()  # gives its buffers and its share of the budget back
+        raise
     manifest = writer.finish()
     return manifest, store.put_manifest(manifest), writer.stored_bytes
 

@@ -219,9 +219,14 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, 
             raise conflict
         if counted:
             self.upload_slots.acquire(require_user(viewer).name, image.id)
-        if not self.catalog.transition(image.id, [ImageStatus.QUEUED], ImageStatus.SAVING):
-            if counted:
+        claimed = False
+        try:
+            claimed = self.catalog.transition(image.id, [ImageStatus.QUEUED],
+                                              ImageStatus.SAVING)
+        finally:
+            if counted and not claimed:
                 self.upload_slots.release(image.id)
+        if not claimed:
             raise conflict
         try:
             session = self._upload_session(image, declared or image.disk_format, interrupt)

@@ -143,9 +143,11 @@ class UploadSession:
                             self.writer.stored_bytes)
 
     def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-        self.close()
+        try:
+            if self.writer is not None:
+                self.writer.abort()
+        finally:
+            self.close()
 
     def close(self) -> None:
         if self.spool is not None:

@@ -287,12 +287,16 @@ class ImageWriter:
             hfut.cancel()
             for f in cfuts:
                 f.cancel()
-        self._close()
-        self._pack.abort()
+        try:
+            self._close()
+        finally:
+            self._pack.abort()
 
     def _close(self) -> None:
-        if not self._closed:
-            self._closed = True
+        if self._closed:
+            return
+        self._closed = True
+        try:
             self._hasher.shutdown(wait=True, cancel_futures=True)
             for _, hfut, cfuts in self._inflight:  # after abort: wait before reusing buffers
                 futures: list[Future[Any]] = [hfut, *cfuts]
@@ -309,7 +313,8 @@ class ImageWriter:
             while self._free:
                 BLOCKS.give(self._free.popleft())
             self._held = 0
-            BLOCKS.leave()
+        finally:
+            BLOCKS.leave()  # whatever happened above, this writer no longer shares the budget
 
 
 class BlockPool:
@@ -369,7 +374,7 @@ class BlockPool:
             if self.idle_bytes() + len(block) <= self.keep:
                 self._idle.setdefault(len(block), []).append(block)
                 return
-        block.close()
+        _unmap(block)
 
     def idle_bytes(self) -> int:
         return sum(len(b) for blocks in self._idle.values() for b in blocks)
@@ -379,7 +384,14 @@ class BlockPool:
             idle, self._idle = self._idle, {}
         for blocks in idle.values():
             for block in blocks:
-                block.close()
+                _unmap(block)
+
+
+def _unmap(block: mmap.mmap) -> None:
+    """Unmap now, or, while a view still points into it (the exception of an upload cut
+    off mid-read holds one), when the last view goes: never fail a writer's cleanup."""
+    with contextlib.suppress(BufferError):
+        block.close()
 
 
 BLOCKS = BlockPool()
