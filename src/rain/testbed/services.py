@@ -105,6 +105,17 @@ class Started:
     log: Path
 
 
+def node_token(url: str, admin_token: str, node: str) -> str:
+    """A fresh node token for `node` (one per agent start; earlier ones stay valid)."""
+    with httpx.Client(trust_env=False, timeout=30,
+                      headers={"Authorization": f"Bearer {admin_token}"}) as http:
+        response = http.post(url + "/v1/tokens", json={"node": node, "label": "testbed"})
+    if response.status_code != 201 and response.status_code != 200:
+        raise Unavailable(f"the repository refused a node token for {node}: "
+                          f"HTTP {response.status_code} {response.text[:200]}")
+    return str(response.json()["token"])
+
+
 def wait_for_agents(url: str, token: str, agents: Sequence[Started], started: datetime,
                     timeout: float) -> None:
     """Until every agent listens on its port and is registered in GET /v1/nodes.

@@ -245,7 +245,10 @@ class Testbed:
         agents = []
         for host in hosts:
             node_dir = self.data_dir / host.name
-            argv = services.agent_argv(host, self.url, self.token, node_dir / "cache",
+            # Each agent gets its own node token, as on real compute nodes: the admin
+            # token stays with the repository (and whoever runs the testbed).
+            token = services.node_token(self.url, self.token, host.name)
+            argv = services.agent_argv(host, self.url, token, node_dir / "cache",
                                        self.cache_size, self.capacity, self.agent_args)
             log = node_dir / "agent.log"
             proc = services.start(host, argv, log, services.child_env(self.env))
