@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -156,3 +157,41 @@ def test_a_cancelled_boot_stops_qemu(tmp_path: Path) -> None:
     # running_tool killed QEMU's whole process group on the way out.
     left = subprocess.run(["pgrep", "-f", str(blank)], capture_output=True, text=True)
     assert left.stdout.strip() == ""
+
+
+# jmp $ — a guest that spins for ever: it always wants a CPU.
+SPIN_SECTOR = bytes.fromhex("ebfe")
+
+
+@pytest.mark.skipif(not Path("/proc/self/schedstat").exists(),
+                    reason="this kernel keeps no scheduler statistics (/proc/PID/schedstat)")
+def test_time_a_busy_host_takes_from_the_boot_is_added_to_its_timeout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU at nice 19 on one CPU, beside a busy loop at nice 0 on the same CPU: it waits
+    for the CPU nearly all the time. That wait must extend the timeout (up to its limit),
+    and the log and the reason say so; a spinning guest on an idle host gets neither."""
+    disk = sector_disk(tmp_path / "spin.img", SPIN_SECTOR)
+    original = boot.qemu_argv
+
+    def starved(*args: object, **kwargs: object) -> list[str]:
+        return ["taskset", "-c", "0", "nice", "-n", "19", *original(*args, **kwargs)]
+
+    monkeypatch.setattr(boot, "qemu_argv", starved)
+    hog = subprocess.Popen(["taskset", "-c", "0", "nice", "-n", "0", sys.executable, "-c",
+                            "while True: pass"])
+    lines: list[str] = []
+    try:
+        result = boot_test(disk, fmt="raw", timeout=3.0, log_path=tmp_path / "c.log",
+                           accel="tcg", cpus=1, log=lines.append)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert not result.ok
+    assert "waited for a CPU" in result.reason, result.reason
+    assert any("the host is busy" in line for line in lines), lines
+
+
+def test_run_delay_of_a_gone_process_is_zero() -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert boot.run_delay(gone.pid) == 0.0

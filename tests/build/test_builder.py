@@ -170,6 +170,8 @@ def test_pulling_a_purged_image_rebuilds_it(server: Server, tmp_path: Path) -> N
     assert after["template_digest"] == before["template_digest"]
     assert after["packages"] == before["packages"]
     assert before["sha256"] in after["properties"]["rain.previous_sha256"]
+    # The rebuild's own boot test, not the first build's:
+    assert after["properties"]["rain.boot_seconds"] == f"{after['build_timings']['boot']:.1f}"
 
 
 def test_a_template_trying_to_escape_is_contained(server: Server, tmp_path: Path) -> None:

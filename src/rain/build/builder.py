@@ -186,7 +186,9 @@ class ImageBuilder:
         qcow2, boot = self._finish_disk(raw, progress, work)
         with self._phase(progress, "upload"):
             if rebuild_of is not None:
-                return self.repo.restore_file(viewer, rebuild_of, qcow2, DiskFormat.QCOW2).id
+                return self.repo.restore_file(
+                    viewer, rebuild_of, qcow2, DiskFormat.QCOW2,
+                    properties={"rain.boot_seconds": f"{boot:.1f}"} if boot else None).id
             image = self.repo.create(viewer, {
                 "name": template.name, "version": template.version or None,
                 "description": template.description or None,

@@ -159,12 +159,15 @@ class PurgeAndRebuild:
                                build_id=build_id, retry_after=self.rebuilder.retry_after)
 
     def restore_file(self, viewer: User | None, ref: str, path: Path,
-                     declared: DiskFormat | None = None) -> Image:
+                     declared: DiskFormat | None = None,
+                     properties: dict[str, str] | None = None) -> Image:
         """New content for a purged image (a rebuild): same id and record, purged → active.
 
         The content differs byte for byte from what was purged (timestamps, …);
         the sha256 it had before is appended to the `rain.previous_sha256`
         property (space-separated, oldest first). Quotas apply as for uploads.
+        `properties` (the server's own, e.g. this build's `rain.boot_seconds`) replace
+        those of the earlier content.
         """
         image = self.purged_for_rebuild(viewer, ref)
         session = self._upload_session(image, declared or image.disk_format)
@@ -179,10 +182,12 @@ class PurgeAndRebuild:
             manifest_id=result.manifest_id)
         if not ok:  # its chunks are left to gc
             raise Conflict(f"image {image.id} changed state while it was being rebuilt")
+        changed = dict(properties or {})
         if image.sha256:
-            history = " ".join(x for x in (image.properties.get(PREVIOUS_SHA256), image.sha256)
-                               if x)
-            self.catalog.edit_properties(image.id, {PREVIOUS_SHA256: history})
+            changed[PREVIOUS_SHA256] = " ".join(
+                x for x in (image.properties.get(PREVIOUS_SHA256), image.sha256) if x)
+        if changed:
+            self.catalog.edit_properties(image.id, changed)
         active = self.catalog.get_image(image.id)
         self.run_activation_hooks(active)
         return active

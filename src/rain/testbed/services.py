@@ -110,7 +110,7 @@ def node_token(url: str, admin_token: str, node: str) -> str:
     with httpx.Client(trust_env=False, timeout=30,
                       headers={"Authorization": f"Bearer {admin_token}"}) as http:
         response = http.post(url + "/v1/tokens", json={"node": node, "label": "testbed"})
-    if response.status_code != 201 and response.status_code != 200:
+    if response.status_code not in (200, 201):
         raise Unavailable(f"the repository refused a node token for {node}: "
                           f"HTTP {response.status_code} {response.text[:200]}")
     return str(response.json()["token"])

@@ -25,7 +25,14 @@ from rain.distribute.chunkindex import ChunkIndex
 from rain.distribute.instances import Instances
 from rain.distribute.partial import PartialImage
 from rain.distribute.source import TransferStats
-from rain.model.errors import Conflict, InvalidRequest, NotFound, RainError
+from rain.model.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    RainError,
+    Unauthorized,
+)
 
 log = logging.getLogger("rain.agent")
 KEY_FILE = "agent.key"
@@ -57,6 +64,8 @@ class Agent:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._registered = False
+        self._ever_registered = False
+        self.refused: RainError | None = None  # why the repository turned us away at start
         self.httpd: AgentHTTPServer | None = None
 
     # -- life cycle ----------------------------------------------------------------
@@ -96,6 +105,8 @@ class Agent:
             if self.transfers is not None:
                 self.transfers.close()
             self.httpd.server_close()
+        if self.refused is not None:
+            raise self.refused
 
     def stop(self) -> None:
         self._stop.set()
@@ -131,9 +142,22 @@ class Agent:
                         self._registered = False
                 if not self._registered:
                     client.register_node({**self.report(), "agent_key": self.key})
-                    self._registered = True
+                    self._registered = self._ever_registered = True
                     log.info("agent %s registered with %s", self.name, self.config.repo_url)
                 warned = False
+            except (Unauthorized, Forbidden) as exc:
+                if not self._ever_registered:
+                    # A wrong or someone else's token never gets better: stop at once
+                    # rather than serve as a node nobody can use. (Later, e.g. a revoked
+                    # token, the agent keeps its instances running and keeps trying.)
+                    self.refused = type(exc)(f"the repository {self.config.repo_url} "
+                                             f"refused node {self.name}: {exc.message}")
+                    self.stop()
+                    break
+                if not warned:
+                    log.warning("agent %s: cannot report to %s: %s", self.name,
+                                self.config.repo_url, exc)
+                    warned = True
             except RainError as exc:
                 if not warned:
                     log.warning("agent %s: cannot report to %s: %s", self.name,

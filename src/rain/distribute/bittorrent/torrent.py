@@ -14,8 +14,10 @@ bytes gets a new torrent instead of a stale one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -246,6 +248,10 @@ class TorrentOnActivate:
         t.start()
 
     def _make(self, image: Image) -> None:
+        # Background work: on Linux a thread has its own nice value, so hashing the
+        # whole image yields the CPU to the transfers people are waiting for.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         try:
             ensure_torrent(self.repo, image, self.config, replace=True)
         except Exception:
