@@ -375,7 +375,7 @@ def test_deploy_draws_a_progress_bar_on_a_terminal(server: Server, agents: list[
     m = re.search(r"deployment ([0-9a-f-]{36}) started", text)
     assert m, text
     assert f"deploy {m.group(1)[:8]}" in text and "1/1 nodes ready" in text  # the bar
-    assert "ready: 1 instances on 1 nodes" in text  # the summary after it
+    assert "ready: 1 instance on 1 node," in text  # the summary after it
 
 
 def test_copies_grown_disks_and_ephemeral_disks(server: Server, agents: list[AgentProc],

@@ -20,8 +20,10 @@ from rain.model.errors import RainError
 
 try:  # newer typer carries its own copy of click
     from typer._click import exceptions as cli_errors
+    from typer._click.globals import get_current_context
 except ImportError:  # pragma: no cover - typer that uses click itself
     from click import exceptions as cli_errors  # type: ignore[no-redef]
+    from click.globals import get_current_context  # type: ignore[no-redef]
 
 USAGE_STATUS = 2
 _INTERRUPTS: tuple[type[BaseException], ...] = (
@@ -52,6 +54,14 @@ def run(app: Any, args: Sequence[str] | None = None) -> int:
         return fail(f"unexpected {type(exc).__name__}: {exc} (a bug in rain; RAIN_DEBUG=1 "
                     "shows where)")
     return result if isinstance(result, int) else 0  # typer returns an Exit's status
+
+
+class WrongUsage(cli_errors.UsageError):
+    """A command line every option of which parsed, but which asks for nothing sensible
+    (`deploy` with neither `--nodes` nor `--all`): exit 2 with the `--help` hint."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ctx=get_current_context(silent=True))
 
 
 def fail(message: str, status: int = 1) -> int:
