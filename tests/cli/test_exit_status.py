@@ -50,11 +50,15 @@ def one_usage_line(r: object, command: str) -> str:
     (["pull", "IMG", "--format", "iso9660"], "pull", "'iso9660' is not one of raw, qcow2"),
     (["push", "README.md", "--name", "x", "--disk-format", "qcow"], "push",
      "'qcow' is not one of"),
+    (["push", "README.md", "--name", "x", "--visibility", "everyone"], "push",
+     "invalid value for '--visibility': 'everyone' is not one of private, shared, public"),
     (["set", "IMG", "--visibility", "everyone"], "set", "'everyone' is not one of"),
     (["match", "--min-disk", "4Q"], "match", "bad size '4Q'"),
     (["builds", "--status", "done"], "builds", "'done' is not one of queued"),
     (["purge", "--unused-for", "soon"], "purge", "bad duration 'soon'"),
     (["set", "IMG", "--property", "novalue"], "set", "bad property 'novalue': expected"),
+    (["push", "README.md", "--name", "x", "--property", "novalue"], "push",
+     "bad property 'novalue': expected KEY=VALUE"),
 ])
 def test_option_values_that_cannot_be_read_are_usage_errors(
         args: list[str], command: str, phrase: str) -> None:

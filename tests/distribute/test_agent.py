@@ -323,8 +323,9 @@ def test_deploy_spreads_by_default_and_packs_when_asked(server: Server,
     assert report["placement"]["multipliers"]["siblings"] < 0
     bad = run_cli("deploy", pack_image["id"], "--nodes", "a2", "--spread", "--pack",
                   env=server.env(), check=False)
-    assert bad.returncode == 1
-    assert bad.stderr.strip() == "rain: error: give --spread or --pack, not both"
+    assert bad.returncode == 2  # a usage error: tests/cli/test_exit_status.py
+    assert bad.stderr.strip() == ("rain: error: give --spread or --pack, not both "
+                                  "(see 'rain deploy --help')")
     with Client(server.url, server.token) as c:
         with pytest.raises(InvalidRequest, match="unknown placement policy 'stack'"):
             c.deploy(pack_image["id"], nodes=["a2"], policy="stack")

@@ -2,7 +2,8 @@
 
 Exit status: 0 done; 1 the command failed (whatever rain, the server, a file or
 the network refused); 2 the command line itself is wrong (an unknown option, a
-missing argument, a value of the wrong type: click's convention, as with grep
+missing argument, a value of the wrong type or one `rain.cli.values` cannot read,
+options that do not go together (`WrongUsage`): click's convention, as with grep
 or argparse), with a pointer to the command's `--help`; 130 interrupted.
 A bug shows as one line too; `RAIN_DEBUG=1` shows its traceback instead.
 """
