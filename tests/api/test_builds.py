@@ -214,8 +214,8 @@ def test_cancel_a_running_build(server: Server, tokens: dict[str, str]) -> None:
     assert alice.images(name="stopme")["images"] == []
     again = run_cli("cancel-build", submitted["id"], env=env, check=False)
     assert again.returncode == 1 and again.stderr.strip() == (
-        f"rain: error: build {submitted['id']} is cancelled already; there is nothing to "
-        "cancel")
+        f"rain: error: build {submitted['id']} has already been cancelled; there is nothing "
+        "to cancel")
 
 
 def test_purge_then_pull_waits_for_the_rebuild(server: Server, tokens: dict[str, str],

@@ -154,7 +154,7 @@ def test_deleting_a_user_refuses_while_they_own_images_then_transfers(
         image = c.push(make_raw(tmp_path / "l.raw", 1 << 20, seed=6), name="left-behind")
     env = server.env()
     one_line_error(run_cli("user", "rm", "leaver", env=env, check=False),
-                   "owns 1 image(s) that are not deleted")
+                   "still owns 1 image: delete their images")
     with Client(server.url, leaver) as c:
         assert c.whoami()["name"] == "leaver"  # refused: nothing changed
     out = json.loads(run_cli("user", "rm", "leaver", "--transfer-to", "heir", "--json",

@@ -237,7 +237,7 @@ def test_cancel_queued_and_running_builds(env: Env) -> None:
     assert found == []
     gate.set()
     assert env.wait(other.id).status == BuildStatus.SUCCEEDED
-    with pytest.raises(Conflict, match="succeeded already; there is nothing to cancel"):
+    with pytest.raises(Conflict, match="has already succeeded; there is nothing to cancel"):
         env.queue.cancel(env.admin, other.id)
     assert env.repo.catalog.get_build(queued.id).status == BuildStatus.CANCELLED
 

@@ -323,8 +323,9 @@ def test_deploy_spreads_by_default_and_packs_when_asked(server: Server,
     assert report["placement"]["multipliers"]["siblings"] < 0
     bad = run_cli("deploy", pack_image["id"], "--nodes", "a2", "--spread", "--pack",
                   env=server.env(), check=False)
-    assert bad.returncode == 1
-    assert bad.stderr.strip() == "rain: error: give --spread or --pack, not both"
+    assert bad.returncode == 2  # a usage error: tests/cli/test_exit_status.py
+    assert bad.stderr.strip() == ("rain: error: give --spread or --pack, not both "
+                                  "(see 'rain deploy --help')")
     with Client(server.url, server.token) as c:
         with pytest.raises(InvalidRequest, match="unknown placement policy 'stack'"):
             c.deploy(pack_image["id"], nodes=["a2"], policy="stack")
@@ -375,7 +376,7 @@ def test_deploy_draws_a_progress_bar_on_a_terminal(server: Server, agents: list[
     m = re.search(r"deployment ([0-9a-f-]{36}) started", text)
     assert m, text
     assert f"deploy {m.group(1)[:8]}" in text and "1/1 nodes ready" in text  # the bar
-    assert "ready: 1 instances on 1 nodes" in text  # the summary after it
+    assert "ready: 1 instance on 1 node," in text  # the summary after it
 
 
 def test_copies_grown_disks_and_ephemeral_disks(server: Server, agents: list[AgentProc],

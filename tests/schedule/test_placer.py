@@ -123,10 +123,18 @@ def test_not_enough_capacity_is_a_conflict_before_anything_is_placed() -> None:
     with pytest.raises(Conflict) as caught:
         place("img", 12, nodes)
     assert str(caught.value) == (
-        "not enough capacity for 12 instances of img: 11 free slots on 2 eligible nodes"
+        "not enough capacity for 12 instances of img: 11 free slots on 2 eligible nodes; "
+        "left out: c down"
     )
     assert caught.value.details["free"] == 11
     assert as_dict(place("img", 11, nodes)) == {"a": 3, "b": 8}
+
+
+def test_a_refusal_says_which_nodes_were_full_not_zero_slots_on_zero_nodes() -> None:
+    with pytest.raises(Conflict) as caught:
+        place("img", 1, [node("n1", capacity=2, running=2)])
+    assert str(caught.value) == ("not enough capacity for 1 instance of img: no node can take "
+                                 "one; left out: n1 full (2 of 2 instances)")
 
 
 def test_image_too_big_for_a_nodes_cache_goes_elsewhere() -> None:

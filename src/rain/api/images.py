@@ -7,7 +7,7 @@ import asyncio
 import base64
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
@@ -20,6 +20,7 @@ from rain.api.ranges import parse_range
 from rain.catalog import ImageQuery
 from rain.model import DiskFormat, InvalidRequest, RainError, User
 from rain.model.sparse import MEDIA_TYPE as SPARSE_MEDIA_TYPE
+from rain.model.units import parse_duration, parse_size
 from rain.repo import Repository
 from rain.store import ImageReader
 
@@ -29,27 +30,6 @@ Viewer = Annotated[User | None, Depends(viewer)]
 # The routes a node agent reads images with: a node token reads as a deployment's owner.
 Reader = Annotated[User | None, Depends(principal)]
 DeploymentHeader = Annotated[str | None, Header(alias="x-rain-deployment")]
-
-
-def parse_duration(text: str) -> timedelta:
-    """`30d`, `12h`, `90m`, `45s`, `2w`."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-    try:
-        return timedelta(seconds=float(text[:-1]) * units[text[-1]])
-    except (KeyError, ValueError, IndexError):
-        raise InvalidRequest(f"bad duration {text!r}: use e.g. 30d, 12h, 90m") from None
-
-
-def parse_size(text: str) -> int:
-    """`4G`, `512M`, `1.5T`, `1000` (bytes); binary units."""
-    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
-        raise InvalidRequest(f"bad size {text!r}: use e.g. 4G, 512M or a number of bytes") from None
 
 
 def _pairs(values: list[str], what: str) -> dict[str, str]:

@@ -255,7 +255,8 @@ class BuildQueue:
         status = self.catalog.request_cancel(build_id, f"cancelled by {me.name}")
         if status is None:
             now = self.catalog.get_build(build_id).status
-            raise Conflict(f"build {build_id} is {now} already; there is nothing to cancel")
+            raise Conflict(f"build {build_id} has already {_ended(now)}; there is nothing to "
+                           "cancel")
         progress = self._running.get(build_id)
         if progress is not None:
             self._stop(progress, me.name)
@@ -470,3 +471,8 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _ended(status: str) -> str:
+    """`succeeded`, `failed`, `been cancelled`: what "build X has already …" ends with."""
+    return {"succeeded": "succeeded", "failed": "failed"}.get(str(status), f"been {status}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from rain.build.template import BaseRef, Template, parse_template, template_digest
 from rain.model.errors import InvalidRequest
+from rain.model.units import plural
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ def parse_request(text: str, parents: Sequence[str] = (),
     for number, parent_text in enumerate(parents, 1):
         if current.base.kind != "template":
             raise InvalidRequest(
-                f"{len(parents)} parent template(s) were sent, but template '{current.name}' "
+                f"{plural(len(parents), 'parent template')} "
+                f"{'was' if len(parents) == 1 else 'were'} sent, but template '{current.name}' "
                 f"starts from {current.base}, not from a template")
         source = (names[number] if number < len(names)
                   else f"parent template {number} ({current.base.path})")

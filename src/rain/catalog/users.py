@@ -31,6 +31,7 @@ from rain.model import (
     NotFound,
     User,
 )
+from rain.model.units import plural
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 # Statuses of images that have left for good: a user owning only these may be deleted.
@@ -122,14 +123,14 @@ class UserCatalog:
                 if target.id == row.id:
                     raise InvalidRequest("cannot transfer a user's images to that same user")
             elif live:
-                raise Conflict(f"user {name!r} owns {live} image(s) that are not deleted: "
-                               "delete them or transfer them to another user (--transfer-to)")
+                raise Conflict(f"user {name!r} still owns {plural(live, 'image')}: delete their "
+                               "images or transfer them to another user (--transfer-to)")
             building = s.scalar(select(func.count()).select_from(BuildRow).where(
                 BuildRow.owner_id == row.id,
                 BuildRow.status.in_([str(b) for b in ACTIVE_BUILD_STATUSES]))) or 0
             if building:
-                raise Conflict(f"user {name!r} has {building} build(s) queued or running: "
-                               "cancel them or wait for them to end")
+                raise Conflict(f"user {name!r} has {plural(building, 'build')} queued or running: "
+                               "cancel their builds or wait for them to end")
             moved = 0
             if target is not None:
                 moved = s.execute(update(ImageRow).where(

@@ -8,7 +8,9 @@ from typing import Annotated
 
 import typer
 
+from rain.cli import values
 from rain.model.errors import InvalidRequest
+from rain.model.units import parse_size
 
 
 def agent(
@@ -18,7 +20,8 @@ def agent(
     token: Annotated[str, typer.Option("--token", envvar="RAIN_TOKEN",
                                        help="This node's token (rain token create --node NAME)")],
     cache_dir: Annotated[Path, typer.Option("--cache-dir", help="Node cache directory")],
-    cache_size: Annotated[str, typer.Option("--cache-size", help="e.g. 50G")] = "16G",
+    cache_size: Annotated[str, typer.Option(
+        "--cache-size", help="e.g. 50G", parser=values.size)] = "16G",
     listen: Annotated[str, typer.Option(
         "--listen", help="HOST:PORT the agent listens on")] = "0.0.0.0:8481",
     advertise: Annotated[str | None, typer.Option(
@@ -33,7 +36,6 @@ def agent(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the node agent: cache, transfers, instance disks (stays in the foreground)."""
-    from rain.api.images import parse_size
     from rain.distribute import Agent, AgentConfig
 
     host, sep, port = listen.rpartition(":")

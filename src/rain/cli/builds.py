@@ -7,7 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
+from rain.cli import values
 from rain.cli.buildview import BuildDisplay
+from rain.cli.errors import WrongUsage
 from rain.cli.options import Json, Token, Url, client
 from rain.cli.output import build_table, err, image_table, out, print_json
 from rain.client import Client
@@ -59,7 +61,8 @@ def build(template: Path, follow: Follow = False, log: Log = False, detach: Deta
 
 def builds(build_id: Annotated[str | None, typer.Argument(help="Show this build")] = None,
            status: Annotated[list[str] | None, typer.Option(
-               "--status", help="queued | running | succeeded | failed | cancelled")] = None,
+               "--status", help="queued | running | succeeded | failed | cancelled",
+               parser=values.build_status)] = None,
            image: Annotated[str | None, typer.Option(
                "--image", help="Builds that made or remake this image")] = None,
            follow: Follow = False, log: Log = False,
@@ -72,18 +75,16 @@ def builds(build_id: Annotated[str | None, typer.Argument(help="Show this build"
     c = client(url, token)
     if build_id is None:
         if cancel:
-            raise RainError("--cancel needs a build id")
+            raise WrongUsage("--cancel needs a build id")
         result = c.builds(status=status or [], image=image, limit=limit, offset=offset)
         print_json(result) if json else build_table(result["builds"], result["total"])
         return
     if cancel:
         _cancel(c, build_id, json)
         return
-    if follow or log:
-        with BuildDisplay(f"build {build_id[:8]}", phases=True, show_log=log) as display:
-            one = c.follow_build(build_id, display.update)
-    else:
-        one = c.build_status(build_id)
+    one = c.build_status(build_id)
+    if follow or log:  # one that ends failed or cancelled fails, as `rain build` does
+        one = wait_for_build(c, one, follow=True, log=log, label=f"build {build_id[:8]}")
     if json:
         print_json(one)
         return
@@ -128,17 +129,18 @@ def rebuild(image: str, follow: Follow = False, log: Log = False, detach: Detach
 
 def purge(image: Annotated[str | None, typer.Argument()] = None,
           unused_for: Annotated[str | None, typer.Option(
-              "--unused-for", help="e.g. 90d: every built image not pulled for that long")]
+              "--unused-for", help="e.g. 90d: every built image not pulled for that long",
+              parser=values.duration)]
           = None,
           dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list them")] = False,
           url: Url = None, token: Token = None, json: Json = False) -> None:
     """Drop an image's content but keep its template and metadata; pulling rebuilds it."""
     if (image is None) == (unused_for is None):
-        raise RainError("give either an IMAGE or --unused-for")
+        raise WrongUsage("give either an IMAGE or --unused-for")
     c = client(url, token)
     if image is not None:
         if dry_run:
-            raise RainError("--dry-run goes with --unused-for")
+            raise WrongUsage("--dry-run goes with --unused-for")
         info = c.purge(image)
         print_json(info) if json else err.print(f"purged {info['id']}")
         return

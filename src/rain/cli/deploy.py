@@ -11,16 +11,22 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from rain.cli import values
+from rain.cli.errors import WrongUsage
 from rain.cli.options import Json, Token, Url, client
 from rain.cli.output import err, human, out, print_json
 from rain.model.errors import RainError
+from rain.model.units import parse_rate, parse_size, plural
 
 instance_app = typer.Typer(no_args_is_help=True, help="Instance disks on nodes.")
 
 Nodes = Annotated[str | None, typer.Option("--nodes", help="Comma-separated node names")]
 All = Annotated[bool, typer.Option("--all", help="Every node that is up")]
 Method = Annotated[str | None, typer.Option(
-    "--method", help="auto | http | tree | multicast | bittorrent | chunks")]
+    "--method", help="auto | http | tree | multicast | bittorrent | chunks",
+    parser=values.method)]
+MaxRate = Annotated[str | None, typer.Option(
+    "--max-rate", help="Cap each node's download, e.g. 200mbit", parser=values.rate)]
 
 
 def nodes(url: Url = None, token: Token = None, json: Json = False) -> None:
@@ -48,10 +54,11 @@ def deploy(
     method: Method = None,
     copy: Annotated[bool, typer.Option("--copy", help="Full disk copies, not overlays")]
     = False,
-    size: Annotated[str | None, typer.Option("--size", help="Grow each disk to, e.g. 20G")]
-    = None,
+    size: Annotated[str | None, typer.Option(
+        "--size", help="Grow each disk to, e.g. 20G", parser=values.size)] = None,
     ephemeral: Annotated[str | None, typer.Option(
-        "--ephemeral", help="Add a sparse scratch disk of this size")] = None,
+        "--ephemeral", help="Add a sparse scratch disk of this size", parser=values.size)]
+    = None,
     fanout: Annotated[int | None, typer.Option("--fanout", help="tree: children per node")]
     = None,
     stripes: Annotated[int | None, typer.Option(
@@ -59,9 +66,8 @@ def deploy(
     encrypt: Annotated[bool, typer.Option("--encrypt", help="bittorrent: encrypted peers")]
     = False,
     rate: Annotated[str | None, typer.Option(
-        "--rate", help="multicast: send rate cap, e.g. 100mbit")] = None,
-    max_rate: Annotated[str | None, typer.Option(
-        "--max-rate", help="Cap each node's download, e.g. 200mbit")] = None,
+        "--rate", help="multicast: send rate cap, e.g. 100mbit", parser=values.rate)] = None,
+    max_rate: MaxRate = None,
     spread: Annotated[bool, typer.Option(
         "--spread", help="Instances on different nodes first (the usual default)")] = False,
     pack: Annotated[bool, typer.Option(
@@ -73,25 +79,26 @@ def deploy(
 ) -> None:
     """Start COUNT instances of IMAGE on nodes; the image moves by the best method."""
     if spread and pack:
-        raise RainError("give --spread or --pack, not both")
+        raise WrongUsage("give --spread or --pack, not both")
+    targets = _targets(node_names, everyone)
     options = _options(copy=copy, size=size, ephemeral_size=ephemeral, fanout=fanout,
                        stripes=stripes, encrypt=encrypt, rate=rate, max_rate=max_rate)
     c = client(url, token)
-    dep = c.deploy(image, nodes=_names(node_names), all=everyone, count=count, method=method,
+    dep = c.deploy(image, nodes=targets, all=everyone, count=count, method=method,
                    options=options, policy="spread" if spread else "pack" if pack else None)
     _finish(c, dep, follow=follow, wait=wait, json=json)
 
 
 def prefetch(image: str, node_names: Nodes = None, everyone: All = False,
              method: Method = None,
-             max_rate: Annotated[str | None, typer.Option(
-                 "--max-rate", help="Cap each node's download, e.g. 200mbit")] = None,
+             max_rate: MaxRate = None,
              follow: Annotated[bool, typer.Option("--follow")] = False,
              wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True,
              url: Url = None, token: Token = None, json: Json = False) -> None:
     """Copy IMAGE into the nodes' caches now, so later deployments start at once."""
+    targets = _targets(node_names, everyone)
     c = client(url, token)
-    dep = c.prefetch(image, nodes=_names(node_names), all=everyone, method=method,
+    dep = c.prefetch(image, nodes=targets, all=everyone, method=method,
                      options=_options(max_rate=max_rate))
     _finish(c, dep, follow=follow, wait=wait, json=json)
 
@@ -163,13 +170,18 @@ def instance_rm(instance: Annotated[list[str], typer.Argument(help="Instance ids
 
 
 # -- helpers ---------------------------------------------------------------------------
-def _names(value: str | None) -> list[str] | None:
-    return [n.strip() for n in value.split(",") if n.strip()] if value else None
+def _targets(value: str | None, everyone: bool) -> list[str] | None:
+    """The node names of `--nodes N1,N2`; a usage error unless exactly one of it and
+    `--all` is given (the server would refuse it too, in the API's terms)."""
+    names = [n.strip() for n in value.split(",") if n.strip()] if value else None
+    if everyone and names:
+        raise WrongUsage("give --nodes N1,N2 or --all, not both")
+    if not everyone and not names:
+        raise WrongUsage("give --nodes N1,N2 or --all")
+    return names
 
 
 def _options(**given: Any) -> dict[str, Any]:
-    from rain.api.images import parse_size
-
     opts: dict[str, Any] = {}
     for key, value in given.items():
         if value is None or value is False:
@@ -181,26 +193,6 @@ def _options(**given: Any) -> dict[str, Any]:
         else:
             opts[key] = value
     return opts
-
-
-def parse_rate(text: str) -> float:
-    """`100mbit`, `1gbit`, `800kbit` (bits/s) or `50MB/s` style bytes → bytes per second."""
-    t = text.strip().lower().replace(" ", "")
-    bits = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}
-    for unit, mult in bits.items():
-        if t.endswith(unit):
-            try:
-                return float(t[: -len(unit)]) * mult / 8
-            except ValueError:
-                break
-    per = {"kb/s": 1e3, "mb/s": 1e6, "gb/s": 1e9, "b/s": 1.0}
-    for unit, mult in per.items():
-        if t.endswith(unit):
-            try:
-                return float(t[: -len(unit)]) * mult
-            except ValueError:
-                break
-    raise RainError(f"bad rate {text!r}: use e.g. 100mbit, 1gbit or 50MB/s")
 
 
 def _finish(c: Any, dep: dict[str, Any], *, follow: bool, wait: bool, json: bool) -> None:
@@ -272,14 +264,14 @@ def _report(d: dict[str, Any]) -> None:
     for name, n in sorted((r.get("per_node") or {}).items()):
         note = n.get("error") or (f"fallback: {n['fallback']}" if n.get("fallback") else "")
         if n.get("dropped"):
-            note = (note + "; " if note else "") + f"dropped {len(n['dropped'])} source(s)"
+            note = (note + "; " if note else "") + f"dropped {plural(len(n['dropped']), 'source')}"
         table.add_row(name, n["state"], n.get("source") or "", _secs(n.get("fetched_s")),
                       _secs(n.get("ready_s")), str(len(n.get("instances") or [])),
                       human(n.get("repo_bytes")), human(n.get("peer_bytes")),
                       human(n.get("sent_bytes")), note)
     out.print(table)
-    what = "prefetch" if d.get("prefetch") else f"{r.get('instances_ready', 0)} instances"
-    out.print(f"{d['status']}: {what} on {len(r.get('per_node') or {})} nodes, "
+    what = "prefetch" if d.get("prefetch") else plural(r.get("instances_ready", 0), "instance")
+    out.print(f"{d['status']}: {what} on {plural(len(r.get('per_node') or {}), 'node')}, "
               f"makespan {_secs(r.get('makespan_s'))} (first ready "
               f"{_secs(r.get('first_ready_s'))}), method {r.get('method') or d['method']}"
               f" ({r.get('method_reason') or ''}){_placed(r.get('placement'))}; repository "

@@ -2,7 +2,8 @@
 
 Exit status: 0 done; 1 the command failed (whatever rain, the server, a file or
 the network refused); 2 the command line itself is wrong (an unknown option, a
-missing argument, a value of the wrong type: click's convention, as with grep
+missing argument, a value of the wrong type or one `rain.cli.values` cannot read,
+options that do not go together (`WrongUsage`): click's convention, as with grep
 or argparse), with a pointer to the command's `--help`; 130 interrupted.
 A bug shows as one line too; `RAIN_DEBUG=1` shows its traceback instead.
 """
@@ -20,8 +21,10 @@ from rain.model.errors import RainError
 
 try:  # newer typer carries its own copy of click
     from typer._click import exceptions as cli_errors
+    from typer._click.globals import get_current_context
 except ImportError:  # pragma: no cover - typer that uses click itself
     from click import exceptions as cli_errors  # type: ignore[no-redef]
+    from click.globals import get_current_context  # type: ignore[no-redef]
 
 USAGE_STATUS = 2
 _INTERRUPTS: tuple[type[BaseException], ...] = (
@@ -52,6 +55,14 @@ def run(app: Any, args: Sequence[str] | None = None) -> int:
         return fail(f"unexpected {type(exc).__name__}: {exc} (a bug in rain; RAIN_DEBUG=1 "
                     "shows where)")
     return result if isinstance(result, int) else 0  # typer returns an Exit's status
+
+
+class WrongUsage(cli_errors.UsageError):
+    """A command line every option of which parsed, but which asks for nothing sensible
+    (`deploy` with neither `--nodes` nor `--all`): exit 2 with the `--help` hint."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ctx=get_current_context(silent=True))
 
 
 def fail(message: str, status: int = 1) -> int:

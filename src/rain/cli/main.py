@@ -11,8 +11,9 @@ from typing import Annotated, Any
 import typer
 
 from rain.cli import agent as agent_cmd
-from rain.cli import builds, testbed, users
+from rain.cli import builds, testbed, users, values
 from rain.cli import deploy as deploy_cmd
+from rain.cli.errors import WrongUsage
 from rain.cli.errors import run as run_app
 from rain.cli.listen import check_listen_address, check_tls
 from rain.cli.options import DataDir, Db, Json, Token, Url, client
@@ -29,6 +30,7 @@ from rain.cli.output import (
 from rain.client import Client
 from rain.client.client import image_file_size
 from rain.model.errors import ImageRebuilding, RainError
+from rain.model.units import plural
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="rain: build, store, share and deploy virtual machine images.")
@@ -70,7 +72,7 @@ def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
     for v in values or []:
         key, sep, val = v.partition("=")
         if not sep or not key:
-            raise RainError(f"bad {what} {v!r}: expected KEY=VALUE")
+            raise WrongUsage(f"bad {what} {v!r}: expected KEY=VALUE")
         result[key] = val
     return result
 
@@ -92,7 +94,8 @@ def serve(host: Annotated[str | None, typer.Option(help="Listen address")] = Non
           port: Annotated[int | None, typer.Option(help="Listen port", min=1, max=65535)] = None,
           data_dir: DataDir = None, db: Db = None,
           server: Annotated[str, typer.Option(
-              help="native (default) | uvicorn (pure ASGI, slower transfers)")] = "native",
+              help="native (default) | uvicorn (pure ASGI, slower transfers)",
+              parser=values.choice(("native", "uvicorn")))] = "native",
           tls_cert: Annotated[Path | None, typer.Option(
               "--tls-cert", help="PEM certificate: serve HTTPS")] = None,
           tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM key")] = None,
@@ -100,8 +103,6 @@ def serve(host: Annotated[str | None, typer.Option(help="Listen address")] = Non
     """Run the repository service."""
     from rain.api.server import run
 
-    if server not in ("native", "uvicorn"):
-        raise RainError(f"unknown server {server!r}: use native or uvicorn")
     cfg, repo = _open_repo(data_dir, db, create=True)
     host = host or cfg.server.host
     port = port or cfg.server.port
@@ -131,11 +132,12 @@ def serve(host: Annotated[str | None, typer.Option(help="Listen address")] = Non
 @admin_app.command("create-user")
 def create_user(name: str, admin: Annotated[bool, typer.Option("--admin")] = False,
                 group: Annotated[list[str] | None, typer.Option("--group")] = None,
-                quota_bytes: Annotated[str | None, typer.Option(help="e.g. 50G")] = None,
+                quota_bytes: Annotated[str | None, typer.Option(
+                    help="e.g. 50G", parser=values.size)] = None,
                 quota_images: Annotated[int | None, typer.Option()] = None,
                 data_dir: DataDir = None, db: Db = None, json: Json = False) -> None:
     """Create a user and print its token (shown only this once)."""
-    from rain.api.images import parse_size
+    from rain.model.units import parse_size
 
     _, repo = _open_repo(data_dir, db)
     user, token = repo.local_create_user(
@@ -178,12 +180,13 @@ def push(file: Path, name: Annotated[str, typer.Option("--name", help="Image nam
          os_release: Annotated[str | None, typer.Option("--os-release")] = None,
          arch: Annotated[str | None, typer.Option()] = None,
          visibility: Annotated[str | None, typer.Option(
-             help="private | shared | public")] = None,
+             help="private | shared | public", parser=values.visibility)] = None,
          tag: Annotated[list[str] | None, typer.Option("--tag")] = None,
          prop: Annotated[list[str] | None, typer.Option("--property", help="K=V")] = None,
          parent: Annotated[str | None, typer.Option(help="Image this one derives from")] = None,
          disk_format: Annotated[str | None, typer.Option(
-             "--disk-format", help="Expected format; refused if the content disagrees")] = None,
+             "--disk-format", help="Expected format; refused if the content disagrees",
+             parser=values.disk_format)] = None,
          base: Annotated[bool, typer.Option("--base", help="Mark as a base image")] = False,
          url: Url = None, token: Token = None, json: Json = False) -> None:
     """Upload an image file; prints the new image id."""
@@ -204,7 +207,8 @@ def push(file: Path, name: Annotated[str, typer.Option("--name", help="Image nam
 @app.command()
 def pull(image: str, output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
          format: Annotated[str | None, typer.Option(
-             "--format", help="qcow2 | raw | vmdk | vhdx | vdi | vpc")] = None,
+             "--format", help="qcow2 | raw | vmdk | vhdx | vdi | vpc",
+             parser=values.disk_format)] = None,
          url: Url = None, token: Token = None, json: Json = False) -> None:
     """Download an image (converted on the server if --format differs); verifies SHA-256."""
     c = _client(url, token)
@@ -243,29 +247,36 @@ def images(name: Annotated[str | None, typer.Option(help="Name or glob")] = None
            q: Annotated[str | None, typer.Option("--search", help="Text in name/description")]
            = None,
            owner: Annotated[str | None, typer.Option()] = None,
-           visibility: Annotated[str | None, typer.Option()] = None,
-           status: Annotated[list[str] | None, typer.Option("--status")] = None,
+           visibility: Annotated[str | None, typer.Option(parser=values.visibility)] = None,
+           status: Annotated[list[str] | None, typer.Option(
+               "--status", parser=values.image_status)] = None,
            os_distro: Annotated[str | None, typer.Option("--os-distro")] = None,
            os_release: Annotated[str | None, typer.Option("--os-release")] = None,
            arch: Annotated[str | None, typer.Option()] = None,
-           disk_format: Annotated[str | None, typer.Option("--disk-format")] = None,
+           disk_format: Annotated[str | None, typer.Option(
+               "--disk-format", parser=values.disk_format)] = None,
            tag: Annotated[list[str] | None, typer.Option("--tag")] = None,
            prop: Annotated[list[str] | None, typer.Option("--property", help="K=V")] = None,
            package: Annotated[list[str] | None, typer.Option(
                "--package", help="e.g. 'nginx>=1.22'")] = None,
            min_size: Annotated[str | None, typer.Option(
-               "--min-size", help="Disk size the guest sees (virtual size), e.g. 1G")] = None,
+               "--min-size", help="Disk size the guest sees (virtual size), e.g. 1G",
+               parser=values.size)] = None,
            max_size: Annotated[str | None, typer.Option(
-               "--max-size", help="Disk size the guest sees (virtual size)")] = None,
+               "--max-size", help="Disk size the guest sees (virtual size)",
+               parser=values.size)] = None,
            min_file_size: Annotated[str | None, typer.Option(
                "--min-file-size", help="Bytes of the image file (a qcow2 is smaller than its"
-               " disk)")] = None,
+               " disk)", parser=values.size)] = None,
            max_file_size: Annotated[str | None, typer.Option(
-               "--max-file-size", help="Bytes of the image file")] = None,
-           created_after: Annotated[str | None, typer.Option("--created-after")] = None,
-           created_before: Annotated[str | None, typer.Option("--created-before")] = None,
+               "--max-file-size", help="Bytes of the image file", parser=values.size)] = None,
+           created_after: Annotated[str | None, typer.Option(
+               "--created-after", parser=values.date)] = None,
+           created_before: Annotated[str | None, typer.Option(
+               "--created-before", parser=values.date)] = None,
            unused_for: Annotated[str | None, typer.Option(
-               "--unused-for", help="e.g. 30d: purge candidates")] = None,
+               "--unused-for", help="e.g. 30d: purge candidates", parser=values.duration)]
+           = None,
            base: Annotated[bool | None, typer.Option("--base/--not-base")] = None,
            sort: Annotated[str, typer.Option(help="field, '-' prefix for descending")]
            = "-created",
@@ -302,7 +313,7 @@ def share(image: str, user: Annotated[str | None, typer.Option("--user")] = None
           url: Url = None, token: Token = None, json: Json = False) -> None:
     """Let a user or a group read an image."""
     if (user is None) == (group is None):
-        raise RainError("give exactly one of --user or --group")
+        raise WrongUsage("give exactly one of --user or --group")
     info = _client(url, token).share(image, user=user, group=group)
     who = user or f"group {group}"
     print_json(info) if json else err.print(f"shared {info['id']} with {who}")
@@ -314,7 +325,7 @@ def unshare(image: str, user: Annotated[str | None, typer.Option("--user")] = No
             url: Url = None, token: Token = None, json: Json = False) -> None:
     """Stop sharing an image with a user or a group."""
     if (user is None) == (group is None):
-        raise RainError("give exactly one of --user or --group")
+        raise WrongUsage("give exactly one of --user or --group")
     info = _client(url, token).unshare(image, user=user, group=group)
     print_json(info) if json else err.print(f"unshared {info['id']}")
 
@@ -325,7 +336,7 @@ def set_(image: str,
          unset: Annotated[list[str] | None, typer.Option("--unset-property")] = None,
          tag: Annotated[list[str] | None, typer.Option("--tag")] = None,
          untag: Annotated[list[str] | None, typer.Option("--untag")] = None,
-         visibility: Annotated[str | None, typer.Option()] = None,
+         visibility: Annotated[str | None, typer.Option(parser=values.visibility)] = None,
          name: Annotated[str | None, typer.Option()] = None,
          version: Annotated[str | None, typer.Option()] = None,
          description: Annotated[str | None, typer.Option()] = None,
@@ -360,8 +371,10 @@ def rm(image: str,
        force: Annotated[bool, typer.Option(
            "--force", help="Even if images derive from it or live instances use it")] = False,
        url: Url = None, token: Token = None, json: Json = False) -> None:
-    """Delete an image (refused while protected, or while images derive from it or live
-    instance disks use it, unless --force)."""
+    """Delete an image (refused if protected, a parent or in use).
+
+    Refused while it is protected; while images derive from it or live
+    instance disks use it, unless --force."""
     info = _client(url, token).delete(image, force=force)
     print_json(info) if json else err.print(f"deleted {info['id']}")
 
@@ -372,7 +385,8 @@ def match(os_distro: Annotated[str | None, typer.Option("--os-distro", "--distro
           arch: Annotated[str | None, typer.Option()] = None,
           package: Annotated[list[str] | None, typer.Option("--package")] = None,
           tag: Annotated[list[str] | None, typer.Option("--tag")] = None,
-          min_disk: Annotated[str | None, typer.Option("--min-disk", help="e.g. 4G")] = None,
+          min_disk: Annotated[str | None, typer.Option(
+              "--min-disk", help="e.g. 4G", parser=values.size)] = None,
           prefer: Annotated[list[str] | None, typer.Option(
               "--prefer", help="tag:T, package:P, property:K=V, base, newest, popular, smallest;"
               " append =WEIGHT")] = None,
@@ -385,10 +399,12 @@ def match(os_distro: Annotated[str | None, typer.Option("--os-distro", "--distro
     matches = report["matches"]
     if json:
         print_json(report)
-        return
-    if not matches:
+    elif not matches:
         err.print(f"no image meets the requirements: {_eliminated(report)}", markup=False,
                   highlight=False)
+    if not matches:  # like grep: a script tells "none" from a match by the status
+        raise typer.Exit(1)
+    if json:
         return
     for rank, m in enumerate(matches, 1):
         i = m["image"]
@@ -425,7 +441,7 @@ def usage(image: Annotated[str | None, typer.Argument()] = None,
     for u in result["usage"]:
         table.add_row(u["at"][:19], u["image_name"], u["user"], u["action"], human(u["bytes"]))
     out.print(table)
-    out.print(f"{result['pulls']} pulls, {human(result['bytes'])}")
+    out.print(f"{plural(result['pulls'], 'pull')}, {human(result['bytes'])}")
 
 
 @app.command()

@@ -8,9 +8,11 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from rain.cli import values
+from rain.cli.errors import WrongUsage
 from rain.cli.options import Json, Token, Url, client
 from rain.cli.output import err, human, out, print_json
-from rain.model.errors import RainError
+from rain.model.units import parse_size, plural
 
 user_app = typer.Typer(no_args_is_help=True, help="One user: show, create, disable, enable, rm.")
 group_app = typer.Typer(no_args_is_help=True, help="Groups: show, create, rm, add, remove.")
@@ -62,12 +64,11 @@ def user_show(name: Name, url: Url = None, token: Token = None, json: Json = Fal
 @user_app.command("create")
 def user_create(name: Name, admin: Annotated[bool, typer.Option("--admin")] = False,
                 group: Annotated[list[str] | None, typer.Option("--group")] = None,
-                quota_bytes: Annotated[str | None, typer.Option(help="e.g. 50G")] = None,
+                quota_bytes: Annotated[str | None, typer.Option(
+                    help="e.g. 50G", parser=values.size)] = None,
                 quota_images: Annotated[int | None, typer.Option()] = None,
                 url: Url = None, token: Token = None, json: Json = False) -> None:
     """Create a user (admin) and print its token, shown only this once."""
-    from rain.api.images import parse_size
-
     created = client(url, token).create_user(
         name, admin=admin, groups=group or [],
         quota_bytes=parse_size(quota_bytes) if quota_bytes else None, quota_images=quota_images)
@@ -100,7 +101,8 @@ def user_rm(name: Name, transfer_to: Annotated[str | None, typer.Option(
         return
     moved = gone.get("images_transferred") or 0
     err.print(f"deleted user {gone['name']}"
-              + (f"; {moved} image(s) now belong to {transfer_to}" if moved else ""))
+              + (f"; {plural(moved, 'image')} now {'belongs' if moved == 1 else 'belong'} to "
+                 f"{transfer_to}" if moved else ""))
 
 
 # -- groups ------------------------------------------------------------------------------
@@ -193,7 +195,7 @@ def token_create(label: Annotated[str, typer.Option("--label", help="What it is 
     node agent runs with: it registers and reports node NAME, and reads only the images
     deployed to it."""
     if user and node:
-        raise RainError("give at most one of --user or --node")
+        raise WrongUsage("give at most one of --user or --node")
     created = client(url, token).create_token(label=label, user=user, node=node)
     if json:
         print_json(created)

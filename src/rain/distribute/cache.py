@@ -51,6 +51,7 @@ from rain.model.errors import (
     NotFound,
     QuotaExceeded,
 )
+from rain.model.units import plural
 from rain.store.manifest import ImageManifest
 
 INDEX = "index.json"
@@ -253,7 +254,7 @@ class NodeCache:
                 raise NotFound(f"image {image_id} is not in the node cache")
             if self._pins.get(image_id, 0) > 0:
                 raise Conflict(
-                    f"image {image_id} backs {self._pins[image_id]} instance disk(s); "
+                    f"image {image_id} backs {plural(self._pins[image_id], 'instance disk')}; "
                     "delete them first"
                 )
             self._remove(e)

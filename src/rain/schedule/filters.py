@@ -19,6 +19,11 @@ class HostFilter:
     def passes(self, node: NodeState, request: PlacementRequest) -> bool:
         raise NotImplementedError
 
+    def why_not(self, node: NodeState, request: PlacementRequest) -> str:
+        """Why `node` fails this filter, in a few words (a refusal names the nodes left
+        out and why, not only how many remain)."""
+        return f"refused by {self!r}"
+
     def __repr__(self) -> str:
         return type(self).__name__
 
@@ -28,6 +33,9 @@ class NodeUpFilter(HostFilter):
 
     def passes(self, node: NodeState, request: PlacementRequest) -> bool:
         return node.up
+
+    def why_not(self, node: NodeState, request: PlacementRequest) -> str:
+        return "down"
 
 
 class FreshHeartbeatFilter(HostFilter):
@@ -46,6 +54,9 @@ class FreshHeartbeatFilter(HostFilter):
             return False
         return (self.now - node.last_heartbeat).total_seconds() <= self.max_age_seconds
 
+    def why_not(self, node: NodeState, request: PlacementRequest) -> str:
+        return f"no heartbeat for over {self.max_age_seconds:g} s"
+
 
 class CapacityFilter(HostFilter):
     """The node has at least one free instance slot.
@@ -57,6 +68,9 @@ class CapacityFilter(HostFilter):
     def passes(self, node: NodeState, request: PlacementRequest) -> bool:
         return node.free_instances > 0
 
+    def why_not(self, node: NodeState, request: PlacementRequest) -> str:
+        return f"full ({node.running_instances} of {node.capacity_instances} instances)"
+
 
 class CacheSpaceFilter(HostFilter):
     """The node has (or is getting) the image, or has room in its cache for it."""
@@ -65,6 +79,9 @@ class CacheSpaceFilter(HostFilter):
         if request.image_id in node.cached or request.image_id in node.in_flight:
             return True
         return node.free_cache_bytes >= request.image_size
+
+    def why_not(self, node: NodeState, request: PlacementRequest) -> str:
+        return "no room for the image in its cache"
 
 
 def default_filters() -> list[HostFilter]:

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from rain.model.errors import Conflict, InvalidRequest
 from rain.model.node import NodeState, Placement
+from rain.model.units import plural
 from rain.schedule.filters import CapacityFilter, HostFilter, default_filters
 from rain.schedule.policy import default_weighers
 from rain.schedule.request import PlacementRequest
@@ -52,9 +53,11 @@ def place(
     eligible = _eligible(list(state.values()), request, checks)
     free = sum(node.free_instances for node in eligible)
     if free < count:
+        room = (f"{plural(free, 'free slot')} on {plural(len(eligible), 'eligible node')}"
+                if eligible else "no node can take one")
         raise Conflict(
-            f"not enough capacity for {count} instances of {image_id}: "
-            f"{free} free slots on {len(eligible)} eligible nodes",
+            f"not enough capacity for {plural(count, 'instance')} of {image_id}: {room}"
+            f"{_left_out(list(state.values()), eligible, request, checks)}",
             details={"requested": count, "free": free, "eligible_nodes": len(eligible)},
         )
 
@@ -70,6 +73,19 @@ def place(
         counts[best.name] = counts.get(best.name, 0) + 1
     # dicts keep insertion order: nodes appear in the order they were first chosen.
     return [Placement(node=name, count=n) for name, n in counts.items()]
+
+
+def _left_out(nodes: list[NodeState], eligible: list[NodeState], request: PlacementRequest,
+              checks: Sequence[HostFilter], shown: int = 8) -> str:
+    """`; left out: n1 full (8 of 8 instances), n2 down` (the first few nodes)."""
+    kept = {node.name for node in eligible}
+    said = [f"{node.name} " + next(check.why_not(node, request) for check in checks
+                                   if not check.passes(node, request))
+            for node in sorted(nodes, key=lambda n: n.name) if node.name not in kept]
+    if not said:
+        return ""
+    more = f" and {len(said) - shown} more" if len(said) > shown else ""
+    return "; left out: " + ", ".join(said[:shown]) + more
 
 
 def _eligible(
