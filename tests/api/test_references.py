@@ -173,7 +173,7 @@ def test_build_and_deployment_prefixes(server: Server, tokens: dict[str, str],
     r = run_cli("builds", "feedf00d", env=server.env(tokens["dan"]), check=False)
     assert r.returncode == 1 and all(b in r.stderr for b in build_ids)
     r = run_cli("cancel-build", build_ids[1][:10], env=server.env(tokens["dan"]), check=False)
-    assert f"build {build_ids[1]} is succeeded" in r.stderr, r.stderr
+    assert f"build {build_ids[1]} has already succeeded" in r.stderr, r.stderr
 
     assert dan.deployment(dep_ids[1][:10])["id"] == dep_ids[1]
     with pytest.raises(AmbiguousReference):

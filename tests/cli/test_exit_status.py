@@ -56,6 +56,12 @@ def one_usage_line(r: object, command: str) -> str:
     (["match", "--min-disk", "4Q"], "match", "bad size '4Q'"),
     (["builds", "--status", "done"], "builds", "'done' is not one of queued"),
     (["purge", "--unused-for", "soon"], "purge", "bad duration 'soon'"),
+    (["purge", "--unused-for", "-1d"], "purge", "bad duration '-1d'"),  # = every image
+    (["images", "--min-size", "infG"], "images", "bad size 'infG'"),
+    (["images", "--min-size", "1e400G"], "images", "bad size '1e400G'"),
+    (["images", "--unused-for", "1e12d"], "images", "bad duration '1e12d'"),
+    (["deploy", "IMG", "--nodes", "n1", "--max-rate", "-100mbit"], "deploy",
+     "bad rate '-100mbit'"),
     (["set", "IMG", "--property", "novalue"], "set", "bad property 'novalue': expected"),
     (["push", "README.md", "--name", "x", "--property", "novalue"], "push",
      "bad property 'novalue': expected KEY=VALUE"),

@@ -137,6 +137,17 @@ def test_a_refusal_says_which_nodes_were_full_not_zero_slots_on_zero_nodes() -> 
                                  "one; left out: n1 full (2 of 2 instances)")
 
 
+def test_a_refusal_names_the_asked_for_nodes_not_the_others() -> None:
+    """`--nodes n15` on a 16-node cluster: the reason is n15's, not "n01 refused by …"."""
+    from rain.api.deployments import NamedNodes
+
+    nodes = [node(f"n{i:02}") for i in range(16)] + [node("n15", capacity=8, running=8)]
+    nodes = [n for n in nodes if n.name != "n15"] + [nodes[-1]]
+    with pytest.raises(Conflict) as caught:
+        place("img", 1, nodes, filters=[NamedNodes({"n15"})])
+    assert str(caught.value).endswith("; left out: n15 full (8 of 8 instances)"), caught.value
+
+
 def test_image_too_big_for_a_nodes_cache_goes_elsewhere() -> None:
     nodes = [node("a", free_cache=10), node("b", free_cache=10**9)]
     assert place("img", 2, nodes, image_size=1000) == [Placement("b", 2)]

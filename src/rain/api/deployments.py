@@ -69,6 +69,9 @@ class NamedNodes(HostFilter):
     def passes(self, node: NodeState, request: PlacementRequest) -> bool:
         return node.name in self.names
 
+    def why_not(self, node: NodeState, request: PlacementRequest) -> str:
+        return ""  # not asked for: a refusal names only the nodes that were
+
 
 @router.post("/deployments", status_code=202)
 def create_deployment(r: Repo, user: Viewer, c: Coord, config: Schedule,

@@ -188,7 +188,8 @@ class ImageBuilder:
             if rebuild_of is not None:
                 return self.repo.restore_file(
                     viewer, rebuild_of, qcow2, DiskFormat.QCOW2,
-                    properties={"rain.boot_seconds": f"{boot:.1f}"} if boot else None).id
+                    properties={"rain.boot_seconds": f"{boot:.1f}"} if boot else None,
+                    drop=() if boot else ("rain.boot_seconds",)).id  # not boot-tested now
             image = self.repo.create(viewer, {
                 "name": template.name, "version": template.version or None,
                 "description": template.description or None,

@@ -50,7 +50,7 @@ rate = _checked(parse_rate)
 date = _checked(_date)
 disk_format = choice(f.value for f in DiskFormat)
 visibility = choice(v.value for v in Visibility)
-image_status = choice(s.value for s in ImageStatus)
+image_status = choice([*(s.value for s in ImageStatus), "any"])  # any: every status
 build_status = choice(s.value for s in BuildStatus)
 # `cache` is what a deployment reports, not a method to ask for.
 method = choice(m.value for m in TransferMethod if m is not TransferMethod.CACHE)

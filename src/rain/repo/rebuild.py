@@ -160,14 +160,15 @@ class PurgeAndRebuild:
 
     def restore_file(self, viewer: User | None, ref: str, path: Path,
                      declared: DiskFormat | None = None,
-                     properties: dict[str, str] | None = None) -> Image:
+                     properties: dict[str, str] | None = None,
+                     drop: tuple[str, ...] = ()) -> Image:
         """New content for a purged image (a rebuild): same id and record, purged → active.
 
         The content differs byte for byte from what was purged (timestamps, …);
         the sha256 it had before is appended to the `rain.previous_sha256`
         property (space-separated, oldest first). Quotas apply as for uploads.
         `properties` (the server's own, e.g. this build's `rain.boot_seconds`) replace
-        those of the earlier content.
+        those of the earlier content, and `drop` names those that no longer hold.
         """
         image = self.purged_for_rebuild(viewer, ref)
         session = self._upload_session(image, declared or image.disk_format)
@@ -186,8 +187,8 @@ class PurgeAndRebuild:
         if image.sha256:
             changed[PREVIOUS_SHA256] = " ".join(
                 x for x in (image.properties.get(PREVIOUS_SHA256), image.sha256) if x)
-        if changed:
-            self.catalog.edit_properties(image.id, changed)
+        if changed or drop:
+            self.catalog.edit_properties(image.id, changed, remove=drop)
         active = self.catalog.get_image(image.id)
         self.run_activation_hooks(active)
         return active

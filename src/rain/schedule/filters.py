@@ -21,7 +21,7 @@ class HostFilter:
 
     def why_not(self, node: NodeState, request: PlacementRequest) -> str:
         """Why `node` fails this filter, in a few words (a refusal names the nodes left
-        out and why, not only how many remain)."""
+        out and why, not only how many remain); "" leaves the node unmentioned."""
         return f"refused by {self!r}"
 
     def __repr__(self) -> str:

@@ -79,9 +79,14 @@ def _left_out(nodes: list[NodeState], eligible: list[NodeState], request: Placem
               checks: Sequence[HostFilter], shown: int = 8) -> str:
     """`; left out: n1 full (8 of 8 instances), n2 down` (the first few nodes)."""
     kept = {node.name for node in eligible}
-    said = [f"{node.name} " + next(check.why_not(node, request) for check in checks
-                                   if not check.passes(node, request))
-            for node in sorted(nodes, key=lambda n: n.name) if node.name not in kept]
+    said = []
+    for node in sorted(nodes, key=lambda n: n.name):
+        if node.name in kept:
+            continue
+        why = next(check.why_not(node, request) for check in checks
+                   if not check.passes(node, request))
+        if why:  # "" (e.g. a node the request did not name): not worth a word
+            said.append(f"{node.name} {why}")
     if not said:
         return ""
     more = f" and {len(said) - shown} more" if len(said) > shown else ""
