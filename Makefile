@@ -32,6 +32,7 @@ test: deps-test venv lint
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: deps-test venv
 	$(BIN)/pip install -q -e '.[dev,bench]'
