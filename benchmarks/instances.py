@@ -2,7 +2,7 @@
 
 Puts one image of `--size` virtual bytes holding `--data` bytes of random data
 (spread over the disk in 4 MiB extents, zeros elsewhere, sparse) into a
-`rain.distribute.NodeCache`, then times `Instances.create` for `--runs`
+`rain.agent.NodeCache`, then times `Instances.create` for `--runs`
 overlays and `--runs` full copies (`copy=True`, `qemu-img convert`, zeros
 skipped), each followed by `delete`. Copies are timed as the call returns
 (data may still be in the page cache) and again including an fsync of the new
@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from images import MiB, human, parse_size
 
-from rain.distribute import Instances, NodeCache
+from rain.agent import Instances, NodeCache
 from rain.formats import convert_file
 from rain.model import DiskFormat
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from rain.build.config import BuildConfig
 from rain.catalog.db import catalog_exists
-from rain.distribute.config import DistributeConfig, PrefetchConfig
+from rain.deploy.config import DistributeConfig, PrefetchConfig
 from rain.model.errors import InvalidRequest, NotFound
 from rain.repo.config import RepoConfig
 from rain.sandbox.config import SandboxConfig

@@ -1,8 +1,8 @@
-"""`--method auto`: the rule of rain.distribute.auto, branch by branch."""
+"""`--method auto`: the rule of rain.deploy.auto, branch by branch."""
 
 from __future__ import annotations
 
-from rain.distribute.auto import choose_method
+from rain.deploy.auto import choose_method
 
 
 def test_the_rule() -> None:

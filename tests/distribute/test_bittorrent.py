@@ -33,11 +33,21 @@ import uvicorn  # noqa: E402
 from fastapi import FastAPI, Request, Response  # noqa: E402
 
 from rain.api import tracker as tracker_api  # noqa: E402
-from rain.distribute.bittorrent.config import BitTorrentConfig  # noqa: E402
-from rain.distribute.bittorrent.node import NodeSession  # noqa: E402
-from rain.distribute.bittorrent.seeder import RepoSeeder  # noqa: E402
-from rain.distribute.bittorrent.session import Session, settings_pack  # noqa: E402
-from rain.distribute.bittorrent.torrent import (  # noqa: E402
+from rain.distribute.methods.base import (  # noqa: E402
+    DeploymentJob,
+    FetchContext,
+    NodeTarget,
+    RepoSide,
+)
+from rain.distribute.methods.bittorrent.config import BitTorrentConfig  # noqa: E402
+from rain.distribute.methods.bittorrent.method import (  # noqa: E402
+    BitTorrentCoordinator,
+    BitTorrentNode,
+)
+from rain.distribute.methods.bittorrent.node import NodeSession  # noqa: E402
+from rain.distribute.methods.bittorrent.seeder import RepoSeeder  # noqa: E402
+from rain.distribute.methods.bittorrent.session import Session, settings_pack  # noqa: E402
+from rain.distribute.methods.bittorrent.torrent import (  # noqa: E402
     bdecode,
     ensure_torrent,
     make_torrent,
@@ -45,18 +55,8 @@ from rain.distribute.bittorrent.torrent import (  # noqa: E402
     torrent_on_activate,
     zero_pieces,
 )
-from rain.distribute.bittorrent.tracker import TrackerRegistry, compact  # noqa: E402
-from rain.distribute.bittorrent.turns import UNLIMITED, Lane, Turns  # noqa: E402
-from rain.distribute.methods.base import (  # noqa: E402
-    DeploymentJob,
-    FetchContext,
-    NodeTarget,
-    RepoSide,
-)
-from rain.distribute.methods.bittorrent import (  # noqa: E402
-    BitTorrentCoordinator,
-    BitTorrentNode,
-)
+from rain.distribute.methods.bittorrent.tracker import TrackerRegistry, compact  # noqa: E402
+from rain.distribute.methods.bittorrent.turns import UNLIMITED, Lane, Turns  # noqa: E402
 from rain.distribute.partial import PartialImage, TransferAborted  # noqa: E402
 from rain.distribute.source import RepoSource, TransferStats  # noqa: E402
 from rain.model import DiskFormat, Image  # noqa: E402

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rain.distribute import NodeCache
+from rain.agent import NodeCache
 from rain.model import DiskFormat
 from rain.model.errors import Conflict, InvalidImage, InvalidRequest, NotFound, QuotaExceeded
 from tests.distribute.conftest import MiB, Tick, write_image

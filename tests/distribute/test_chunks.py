@@ -16,10 +16,10 @@ from unittest.mock import ANY
 
 import pytest
 
-from rain.distribute.cache import NodeCache
-from rain.distribute.chunkindex import ChunkIndex
-from rain.distribute.methods import chunks
+from rain.agent.cache import NodeCache
+from rain.agent.chunkindex import ChunkIndex
 from rain.distribute.methods.base import DeploymentJob, FetchContext, NodeTarget
+from rain.distribute.methods.chunks import method as chunks
 from rain.distribute.partial import PartialImage, TransferAborted
 from rain.distribute.source import RepoSource, TransferStats
 from rain.model import DiskFormat, NodeState

@@ -48,7 +48,7 @@ def test_a_running_agent_loads_nothing_of_the_server(server: Server, tmp_path: P
     done = tmp_path / "done"
     script = textwrap.dedent(f"""
         import os, sys, threading, time
-        from rain.distribute import Agent, AgentConfig
+        from rain.agent import Agent, AgentConfig
         from rain.model.units import parse_size
         agent = Agent(AgentConfig(name="light1", repo_url={server.url!r}, token={token!r},
                                   cache_dir={str(tmp_path / "cache")!r},

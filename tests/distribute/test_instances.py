@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rain.distribute import Instances, NodeCache
+from rain.agent import Instances, NodeCache
 from rain.model import DiskFormat
 from rain.model.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
 from tests.distribute.conftest import MiB, pattern_disk, qemu_img, sha256_of, write_image

@@ -32,10 +32,10 @@ from typing import Any, cast
 
 import pytest
 
-from rain.distribute import udpcast
-from rain.distribute.methods import multicast
 from rain.distribute.methods.base import DeploymentJob, FetchContext, NodeTarget, RepoSide
-from rain.distribute.methods.multicast import MulticastConfig, stream_bytes, stream_order
+from rain.distribute.methods.multicast import method as multicast
+from rain.distribute.methods.multicast import udpcast
+from rain.distribute.methods.multicast.method import MulticastConfig, stream_bytes, stream_order
 from rain.distribute.partial import PartialImage, TransferAborted
 from rain.distribute.source import RepoSource, TransferStats
 from rain.model import DiskFormat, InvalidRequest, ToolFailed

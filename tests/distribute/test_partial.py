@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rain.distribute import NodeCache
+from rain.agent import NodeCache
 from rain.distribute.partial import BadChunk, PartialImage, TransferAborted
 from rain.model import DiskFormat
 from rain.model.errors import InvalidRequest

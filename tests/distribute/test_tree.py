@@ -17,11 +17,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from rain.distribute.config import DistributeConfig
-from rain.distribute.methods import tree
+from rain.deploy.config import DistributeConfig
 from rain.distribute.methods.base import DeploymentJob, FetchContext, NodeTarget
+from rain.distribute.methods.tree import method as tree
+from rain.distribute.methods.tree.peer import FRAME, serve_stripe
 from rain.distribute.partial import PartialImage, TransferAborted
-from rain.distribute.peer import FRAME, serve_stripe
 from rain.distribute.source import RepoSource, TransferStats
 from rain.model import DiskFormat, InvalidRequest
 from tests.distribute.conftest import RepoImage

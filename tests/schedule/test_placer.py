@@ -139,7 +139,7 @@ def test_a_refusal_says_which_nodes_were_full_not_zero_slots_on_zero_nodes() -> 
 
 def test_a_refusal_names_the_asked_for_nodes_not_the_others() -> None:
     """`--nodes n15` on a 16-node cluster: the reason is n15's, not "n01 refused by …"."""
-    from rain.api.deployments import NamedNodes
+    from rain.deploy.service import NamedNodes
 
     nodes = [node(f"n{i:02}") for i in range(16)] + [node("n15", capacity=8, running=8)]
     nodes = [n for n in nodes if n.name != "n15"] + [nodes[-1]]

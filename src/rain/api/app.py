@@ -8,8 +8,9 @@ from fastapi_offline import FastAPIOffline
 from rain import __version__
 from rain.api import builds, deployments, errors, images, misc, nodes, tracker, users
 from rain.build.jobs import BuildQueue
-from rain.distribute.config import DistributeConfig
-from rain.distribute.coordinator import Coordinator
+from rain.deploy.config import DistributeConfig
+from rain.deploy.coordinator import Coordinator
+from rain.deploy.service import DeploymentService
 from rain.distribute.methods.base import RepoSide
 from rain.repo import Repository
 from rain.schedule import ScheduleConfig
@@ -38,9 +39,11 @@ def create_app(repository: Repository, build_queue: BuildQueue | None = None,
         repository.rebuilder = build_queue
     app.state.builds = build_queue
     if coordinator is None:
-        coordinator = Coordinator(RepoSide(repository, DistributeConfig(), "127.0.0.1", 0,
-                                           repository.work_dir.parent))
+        coordinator = Coordinator(repository, RepoSide(repository, DistributeConfig(),
+                                                       "127.0.0.1", 0,
+                                                       repository.work_dir.parent))
     app.state.coordinator = coordinator
+    app.state.deployments = DeploymentService(repository, coordinator, app.state.schedule)
     app.state.distribution = coordinator.side
     errors.install(app)
     app.include_router(builds.router)

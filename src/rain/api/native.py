@@ -40,7 +40,7 @@ from rain.api.memory import release_memory
 from rain.api.ranges import RangeNotSatisfiable, parse_range
 from rain.api.sparse import MEDIA_TYPE, SparseBodyReader, sparse_header, sparse_parts, wants_sparse
 from rain.api.transfers import Transfers
-from rain.distribute.coordinator import Coordinator
+from rain.deploy.coordinator import Coordinator
 from rain.distribute.httpserver import ServingHTTPServer
 from rain.model import DiskFormat, Image, InvalidRequest, RainError, User
 from rain.repo import Download, Repository

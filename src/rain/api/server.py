@@ -18,12 +18,12 @@ from collections.abc import Callable
 
 from rain.api.app import create_app
 from rain.api.memory import tune_malloc
-from rain.api.prefetch import Prefetcher
 from rain.build.jobs import BuildQueue, load_runner
 from rain.config import Config
-from rain.distribute.bittorrent.torrent import torrent_on_activate
-from rain.distribute.coordinator import Coordinator
+from rain.deploy.coordinator import Coordinator
+from rain.deploy.prefetch import Prefetcher
 from rain.distribute.methods.base import RepoSide
+from rain.distribute.methods.bittorrent.torrent import torrent_on_activate
 from rain.model import Image
 from rain.repo import Repository
 
@@ -53,7 +53,7 @@ def start_distribution(repo: Repository, cfg: Config, host: str,
     """The deployment coordinator (with what the transfer methods hook into the
     repository) and the popularity prefetcher."""
     side = RepoSide(repo, cfg.distribute, host, port, cfg.data_dir)
-    coordinator = Coordinator(side)
+    coordinator = Coordinator(repo, side)
     for hook in activation_hooks(repo, cfg):
         repo.activation_hooks.append(hook)
     prefetcher = Prefetcher(repo, coordinator, cfg.prefetch)

@@ -3,7 +3,7 @@
 BitTorrent clients speak their own protocol here, not rain's API: the
 arguments are a raw query string with binary values, the answer is a
 bencoded dictionary, and errors are a `failure reason` with status 200
-(rain.distribute.bittorrent.tracker). The peer token in the path is the
+(rain.distribute.methods.bittorrent.tracker). The peer token in the path is the
 credential, so the route takes no bearer token.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from rain.distribute.bittorrent.tracker import SERVICE, TrackerRegistry, failure
+from rain.distribute.methods.bittorrent.tracker import SERVICE, TrackerRegistry, failure
 
 router = APIRouter(prefix="/v1")
 BENCODE = "text/plain"  # what trackers have always sent

@@ -36,7 +36,7 @@ def agent(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the node agent: cache, transfers, instance disks (stays in the foreground)."""
-    from rain.distribute import Agent, AgentConfig
+    from rain.agent import Agent, AgentConfig
 
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():

@@ -1,15 +1,10 @@
-"""Putting images on compute nodes: the node cache and instance disks (issue 4).
+"""How image bytes move from the repository to compute nodes: what both sides share.
 
-`NodeCache` keeps verified images on a node within a size bound; `Instances`
-makes copy-on-write (or fully copied) instance disks over them and pins the
-images they use so the cache never evicts a live disk's backing file.
-The node agent (`rain.distribute.agent`), the transfer methods
-(`rain.distribute.methods`) and the coordinator the repository runs
-(`rain.distribute.coordinator`) build on these.
+The transfer methods (`rain.distribute.methods.<name>`, one folder each, both
+halves behind `methods/base.py`) and the plumbing they and both sides use: the
+image a node fills and verifies chunk by chunk (`partial`), the repository as
+a chunk source (`source`), the threaded HTTP server (`httpserver`) and the
+client of the agent API (`agentclient`). The node agent (`rain.agent`) and the
+repository's deployments (`rain.deploy`) build on these; this package imports
+neither.
 """
-
-from rain.distribute.agent import Agent, AgentConfig
-from rain.distribute.cache import CachedImage, NodeCache
-from rain.distribute.instances import Instance, Instances
-
-__all__ = ["Agent", "AgentConfig", "CachedImage", "Instance", "Instances", "NodeCache"]

@@ -1,4 +1,4 @@
-"""The repository's side of the agent API (rain.distribute.agent.server): one node, its key."""
+"""The repository's side of the agent API (rain.agent.server): one node, its key."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """What a transfer method is: a node side that fills a PartialImage, and a
 coordinator side (in the repository server) that plans and feeds the nodes.
 
-A deployment runs like this (rain.distribute.coordinator):
+A deployment runs like this (rain.deploy.coordinator):
 
 1. The coordinator builds a `DeploymentJob` for the nodes that lack the
    image and calls `CoordinatorMethod.prepare(job)`, which returns one plan
@@ -14,7 +14,7 @@ A deployment runs like this (rain.distribute.coordinator):
    `repo_bytes(job)` for what the repository sent outside its HTTP file
    endpoint (the server counts those itself).
 
-Every method module (`rain.distribute.methods.<name>`) defines two objects,
+Every method (`rain.distribute.methods.<name>.method`) defines two objects,
 `NODE` and `COORDINATOR`; `node_method`/`coordinator_method` import them by
 name, so libtorrent is only imported where BitTorrent is used.
 """
@@ -35,8 +35,8 @@ from rain.model import DiskFormat, InvalidRequest
 from rain.store.manifest import ImageManifest
 
 if TYPE_CHECKING:
-    from rain.model import Image
-    from rain.repo import Repository
+    from rain.model import Image, NodeState
+    from rain.store import ChunkStore
 
 METHODS = ("http", "tree", "multicast", "bittorrent", "chunks")
 
@@ -88,12 +88,41 @@ class NodeMethod(Protocol):
         ...
 
 
+class TorrentRecords(Protocol):
+    """The image records the BitTorrent method reads (the repository's catalog)."""
+
+    def manifest_id(self, image_id: str) -> str | None: ...
+
+    def get_torrent(self, image_id: str) -> tuple[str, int, bytes] | None: ...
+
+
+class ImageRepository(Protocol):
+    """What the repository halves of the methods use of the repository server's
+    `rain.repo.Repository`, named here so that no method imports the repository or
+    its database."""
+
+    @property
+    def store(self) -> ChunkStore: ...
+
+    @property
+    def catalog(self) -> TorrentRecords: ...
+
+    def store_torrent(self, image_id: str, info_hash: str, piece_size: int,
+                      data: bytes) -> None: ...
+
+    def node_states(self) -> list[NodeState]: ...
+
+    def agent_endpoint(self, name: str) -> tuple[str, str]:
+        """(address, agent key) to call node `name`'s agent with."""
+        ...
+
+
 @dataclass
 class RepoSide:
     """The repository server's side of distribution, shared by all deployments."""
 
-    repo: Repository
-    config: Any  # rain.distribute.config.DistributeConfig
+    repo: ImageRepository
+    config: Any  # rain.deploy.config.DistributeConfig
     host: str  # the address the server listens on: nodes reach the repository there
     port: int
     data_dir: Path  # scratch and seed files live under it
@@ -158,7 +187,7 @@ def _module(name: str) -> Any:
     if name not in METHODS:
         raise InvalidRequest(f"unknown transfer method {name!r}: use one of "
                              f"{', '.join(('auto', *METHODS))}")
-    return importlib.import_module(f"rain.distribute.methods.{name}")
+    return importlib.import_module(f"rain.distribute.methods.{name}.method")
 
 
 def node_method(name: str) -> NodeMethod:

@@ -35,7 +35,7 @@ class BitTorrentConfig:
     send_socket_buffer: int = 64 * KiB
     send_buffer: int = 256 * KiB
     # Stripe views: at most this many sessions that each seed one stripe of the pieces to
-    # one node (rain.distribute.bittorrent.seeder); 0 or 1: nodes use the full seed.
+    # one node (rain.distribute.methods.bittorrent.seeder); 0 or 1: nodes use the full seed.
     max_views: int = 32
     # Views that send at full rate at once, a piece per turn, round-robin (the others
     # trickle `view_trickle` bytes/s); 0: all views at once. Measured, turns did not make

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
 
-from rain.distribute.bittorrent.torrent import bencode
+from rain.distribute.methods.bittorrent.torrent import bencode
 
 SERVICE = "bittorrent-tracker"  # key in RepoSide.services
 PATH = "/v1/tracker/{peer_token}/announce"

@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
-from rain.distribute import udpcast
 from rain.distribute.methods.base import DeploymentJob, FetchContext
+from rain.distribute.methods.multicast import udpcast
 from rain.distribute.partial import BadChunk, TransferAborted
 from rain.model.errors import InvalidImage, InvalidRequest, RainError
 from rain.store.manifest import ZERO_DIGEST, ImageManifest

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rain.distribute.bittorrent.config import BitTorrentConfig
-from rain.distribute.methods.multicast import MulticastConfig
+from rain.distribute.methods.bittorrent.config import BitTorrentConfig
+from rain.distribute.methods.multicast.method import MulticastConfig
 
 GiB = 1 << 30
 
@@ -34,7 +34,7 @@ class DistributeConfig:
 
 @dataclass
 class PrefetchConfig:
-    """The popularity prefetcher (`[prefetch]`; rain.api.prefetch). Off by default: it
+    """The popularity prefetcher (`[prefetch]`; rain.deploy.prefetch). Off by default: it
     spends bandwidth nobody asked for."""
 
     enabled: bool = False

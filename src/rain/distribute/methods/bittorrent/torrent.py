@@ -22,13 +22,13 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from rain.distribute.bittorrent.config import BitTorrentConfig
+from rain.distribute.methods.bittorrent.config import BitTorrentConfig
 from rain.store.manifest import ZERO_DIGEST, ImageManifest
 from rain.store.stream import ImageReader
 
 if TYPE_CHECKING:
+    from rain.distribute.methods.base import ImageRepository
     from rain.model import Image
-    from rain.repo import Repository
     from rain.store import ChunkStore
 
 log = logging.getLogger("rain.distribute.bittorrent")
@@ -206,7 +206,7 @@ _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
 
 
-def ensure_torrent(repo: Repository, image: Image, config: BitTorrentConfig | None = None,
+def ensure_torrent(repo: ImageRepository, image: Image, config: BitTorrentConfig | None = None,
                    *, replace: bool = False) -> tuple[str, int, bytes]:
     """(info hash, piece size, torrent) of the image's current content, made and stored if
     the catalog has none for it (or, with `replace`, none made from its current manifest)."""
@@ -235,7 +235,7 @@ class TorrentOnActivate:
     """An activation hook: makes and stores the torrent of each image that becomes active,
     in a thread of its own (hashing a big image must not hold up its upload's response)."""
 
-    def __init__(self, repo: Repository, config: BitTorrentConfig | None = None) -> None:
+    def __init__(self, repo: ImageRepository, config: BitTorrentConfig | None = None) -> None:
         self.repo = repo
         self.config = config
         self._threads: list[threading.Thread] = []
@@ -263,7 +263,7 @@ class TorrentOnActivate:
             t.join(timeout)
 
 
-def torrent_on_activate(repo: Repository,
+def torrent_on_activate(repo: ImageRepository,
                         config: BitTorrentConfig | None = None) -> TorrentOnActivate:
     """The hook to append to `repo.activation_hooks`."""
     return TorrentOnActivate(repo, config)

@@ -16,8 +16,8 @@ Control (bearer: the agent key the node registered with):
     DELETE /v1/grants                     {"peer_token"}: no longer
 
 Peers (bearer: a deployment's peer token this agent was given, which covers
-only that deployment's image: rain.distribute.agent.grants) — see
-rain.distribute.peer for the wire format:
+only that deployment's image: rain.agent.grants) — see
+rain.distribute.methods.tree.peer for the wire format:
 
     GET    /v1/peer/images/{image}/chunks?stripe=S&of=K&from=I
     GET    /v1/peer/chunks/{hex digest}
@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from rain.distribute.httpserver import ServingHTTPServer
+from rain.distribute.methods.tree.peer import serve_stripe
 from rain.distribute.partial import TransferAborted
-from rain.distribute.peer import serve_stripe
 from rain.model.errors import Forbidden, InvalidRequest, NotFound, RainError, Unauthorized
 
 if TYPE_CHECKING:
-    from rain.distribute.agent.node import Agent
+    from rain.agent.node import Agent
 
 log = logging.getLogger("rain.agent.http")
 MAX_BODY = 4 * 1024 * 1024

@@ -7,7 +7,7 @@ materialised file, tracks each deployment's swarm at
 node's swarm stalls. Nodes re-seed what they have to each other while they
 download, and keep seeding from their cache until the deployment is over.
 Every byte is checked against the image's SHA-256 chunk digests before use;
-see rain.distribute.bittorrent.node and docs/bittorrent.md.
+see rain.distribute.methods.bittorrent.node and docs/bittorrent.md.
 
 The plan of a node (the same for all nodes of a deployment but for the view port):
 
@@ -33,24 +33,24 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from rain.distribute.bittorrent.config import BitTorrentConfig
-from rain.distribute.bittorrent.node import (
+from rain.distribute.methods.base import DeploymentJob, FetchContext, RepoSide
+from rain.distribute.methods.bittorrent.config import BitTorrentConfig
+from rain.distribute.methods.bittorrent.node import (
     NodeSession,
     Transfer,
     current_session,
     default_session,
 )
-from rain.distribute.bittorrent.seeder import SERVICE, RepoSeeder
-from rain.distribute.bittorrent.torrent import (
+from rain.distribute.methods.bittorrent.seeder import SERVICE, RepoSeeder
+from rain.distribute.methods.bittorrent.torrent import (
     ensure_torrent,
     make_torrent,
     torrent_on_activate,
     zero_pieces,
 )
-from rain.distribute.bittorrent.tracker import PATH as TRACKER_PATH
-from rain.distribute.bittorrent.tracker import SERVICE as TRACKER_SERVICE
-from rain.distribute.bittorrent.tracker import TrackerRegistry, resolve
-from rain.distribute.methods.base import DeploymentJob, FetchContext, RepoSide
+from rain.distribute.methods.bittorrent.tracker import PATH as TRACKER_PATH
+from rain.distribute.methods.bittorrent.tracker import SERVICE as TRACKER_SERVICE
+from rain.distribute.methods.bittorrent.tracker import TrackerRegistry, resolve
 
 __all__ = ["COORDINATOR", "NODE", "BitTorrentConfig", "BitTorrentCoordinator",
            "BitTorrentNode", "NodeSession", "make_torrent", "torrent_on_activate"]
@@ -103,7 +103,7 @@ class BitTorrentCoordinator:
                                            in registry.peers(job.peer_token) if left > 0])
         seeder_host = "" if server.host in WILDCARDS else server.host
         # With stripe views the tracker lists no seed: a node reaches the full one only
-        # when it needs rescue (see rain.distribute.bittorrent.seeder).
+        # when it needs rescue (see rain.distribute.methods.bittorrent.seeder).
         registry.register(job.peer_token, job.id, info_hash, 0 if views else seeder.port,
                           seeder_host, nodes)
         job.state["bittorrent"]["registered"] = True

@@ -26,7 +26,7 @@ from typing import Any, cast
 
 import libtorrent as lt
 
-from rain.distribute.bittorrent.config import BitTorrentConfig
+from rain.distribute.methods.bittorrent.config import BitTorrentConfig
 
 log = logging.getLogger("rain.distribute.bittorrent")
 # Peer id prefix of the repository's seeder: nodes count what it sends as repository bytes.
@@ -108,7 +108,7 @@ def settings_pack(cfg: BitTorrentConfig, host: str, port: int, *,
     if seeder:
         s["peer_fingerprint"] = SEEDER_FINGERPRINT
         # Nodes connect to the repository; its full seed dials them only for the tail
-        # (rain.distribute.bittorrent.seeder), encrypted if they insist.
+        # (rain.distribute.methods.bittorrent.seeder), encrypted if they insist.
         s["out_enc_policy"] = int(lt.enc_policy.pe_enabled)
         s["in_enc_policy"] = int(lt.enc_policy.pe_enabled)
         s["allowed_enc_level"] = int(lt.enc_level.pe_both)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rain.distribute.cache import NodeCache, check_id
+from rain.agent.cache import NodeCache, check_id
 from rain.distribute.methods.base import FetchContext, LocalChunks, NodeMethod, node_method
 from rain.distribute.partial import PartialImage
 from rain.distribute.source import RepoSource, TransferStats

@@ -31,8 +31,9 @@ from urllib.parse import urlencode, urlsplit
 
 import libtorrent as lt
 
-from rain.distribute.bittorrent.config import BitTorrentConfig
-from rain.distribute.bittorrent.session import (
+from rain.distribute.methods.base import FetchContext
+from rain.distribute.methods.bittorrent.config import BitTorrentConfig
+from rain.distribute.methods.bittorrent.session import (
     SEEDER_FINGERPRINT,
     Event,
     Session,
@@ -40,9 +41,8 @@ from rain.distribute.bittorrent.session import (
     settings_pack,
     torrent_flags,
 )
-from rain.distribute.bittorrent.torrent import zero_pieces
-from rain.distribute.bittorrent.tracker import resolve
-from rain.distribute.methods.base import FetchContext
+from rain.distribute.methods.bittorrent.torrent import zero_pieces
+from rain.distribute.methods.bittorrent.tracker import resolve
 from rain.distribute.partial import TransferAborted
 from rain.model.errors import RainError
 

@@ -8,7 +8,7 @@ repository, and every other node is a leaf under one of them. With
 stripes = k each node forwards one stripe to at most k children (k · R/k = R
 up) and receives k stripes at R/k each (R down), and the repository sends
 each stripe once (S in total). A node forwards every chunk as soon as it has
-verified it: its agent serves `rain.distribute.peer.serve_stripe` from the
+verified it: its agent serves `rain.distribute.methods.tree.peer.serve_stripe` from the
 PartialImage this method fills, so a hop costs about one chunk at R/k, not
 the whole image. See docs/tree-and-chunks.md for the picture and the sums.
 
@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from rain.distribute.methods.base import DeploymentJob, FetchContext
+from rain.distribute.methods.tree.peer import CHUNKS_PATH, read_frames, stripe_indices
 from rain.distribute.partial import BadChunk, TransferAborted
-from rain.distribute.peer import CHUNKS_PATH, read_frames, stripe_indices
 from rain.distribute.source import RepoSource, connect
 from rain.model.errors import InvalidRequest, RainError
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from rain.distribute.cache import NodeCache
+from rain.agent.cache import NodeCache
 from rain.distribute.partial import PartialImage
 from rain.store.manifest import ZERO_DIGEST, ImageManifest
 

@@ -4,7 +4,7 @@ only the difference.
 A node fills its PartialImage from, in this order:
 
 1. itself: chunks with the same digest in its cached images or other transfers
-   (`ctx.local`, a rain.distribute.chunkindex.ChunkIndex). A local chunk that
+   (`ctx.local`, a rain.agent.chunkindex.ChunkIndex). A local chunk that
    fails verification means the node cache is damaged: it is logged, reported
    to the index, and the chunk is fetched elsewhere;
 2. the other nodes of the deployment. Every chunk still missing has one
@@ -19,7 +19,7 @@ A node fills its PartialImage from, in this order:
    requests).
 
 A node serves the bearer of a deployment's peer token only that deployment's
-image (rain.distribute.agent.grants). The deployment's nodes learn the token
+image (rain.agent.grants). The deployment's nodes learn the token
 from their fetch requests; a holder is asked first (`POST /v1/grants`, with its
 agent key) to serve the image for it, and only the holders that agree are in
 the plan — one that is down, or evicted the image since its last report, is
@@ -48,7 +48,6 @@ from typing import Any, ClassVar
 from rain.distribute.agentclient import AgentClient
 from rain.distribute.methods.base import DeploymentJob, FetchContext
 from rain.distribute.partial import BadChunk, PartialImage, TransferAborted
-from rain.distribute.peer import CHUNK_BY_DIGEST_PATH
 from rain.distribute.source import connect
 from rain.model.errors import InvalidRequest, RainError
 
@@ -59,6 +58,9 @@ DEFAULT_STALL_SECONDS = 30.0
 MAX_HOLDERS = 8  # nodes caching the image that one plan lists
 GRANT_TIMEOUT = 5.0  # seconds a holder has to agree to serve a deployment
 POLL = 0.25
+
+# A node serves any chunk it holds here (rain.agent.server), bearer: the peer token.
+CHUNK_BY_DIGEST_PATH = "/v1/peer/chunks/{digest}"
 
 
 @dataclass(frozen=True)

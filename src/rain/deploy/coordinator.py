@@ -5,7 +5,7 @@ make the instance disks, and write down what it cost.
 deployment (`DeploymentRun`) does the work:
 
 1. Nodes that cache the image already need no transfer. For the others the
-   method is chosen (rain.distribute.auto) and its coordinator side
+   method is chosen (rain.deploy.auto) and its coordinator side
    prepares a plan per node (and starts what the repository runs for it).
 2. Every node is told in parallel (`POST /v1/fetch` with its plan) and
    followed until its copy is verified in its cache; then its instance
@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rain.catalog import utcnow
+from rain.deploy.auto import choose_method
+from rain.deploy.seeds import SeedFiles
 from rain.distribute.agentclient import AgentClient
-from rain.distribute.auto import choose_method
 from rain.distribute.methods.base import DeploymentJob, NodeTarget, RepoSide, coordinator_method
-from rain.distribute.seeds import SeedFiles
 from rain.model import (
     Deployment,
     DeploymentStatus,
@@ -50,6 +50,7 @@ from rain.model import (
     TransferMethod,
     User,
 )
+from rain.repo import Repository
 from rain.store import ZERO_DIGEST, ImageManifest
 
 log = logging.getLogger("rain.deploy")
@@ -94,7 +95,8 @@ def _r(value: float | None) -> float | None:
 class Coordinator:
     """Runs deployments for one repository server."""
 
-    def __init__(self, side: RepoSide) -> None:
+    def __init__(self, repo: Repository, side: RepoSide) -> None:
+        self.repo = repo  # side.repo, with what the coordinator records beyond the methods
         self.side = side
         self.seeds = SeedFiles(side.data_dir / "seeds", side.config.seed_dir_bytes)
         self.work = side.data_dir / "deployments"
@@ -118,7 +120,7 @@ class Coordinator:
         started = time.monotonic() if started is None else started
         counts = {p.node: p.count for p in placements}
         names = list(dict.fromkeys([*counts, *targets]))
-        dep = self.side.repo.new_deployment(
+        dep = self.repo.new_deployment(
             viewer, image, method=method, count=sum(counts.values()), nodes=names,
             options=options, prefetch=prefetch)
         run = DeploymentRun(self, dep, viewer, image, counts, names, method, options, started)
@@ -230,7 +232,7 @@ class DeploymentRun:
 
     # -- the run -------------------------------------------------------------------------
     def run(self) -> None:
-        repo = self.side.repo
+        repo = self.c.repo
         job: DeploymentJob | None = None
         method = None
         stack = contextlib.ExitStack()
@@ -310,13 +312,13 @@ class DeploymentRun:
     def _node(self, name: str, plan: dict[str, Any], manifest: ImageManifest) -> None:
         p = self.nodes[name]
         try:
-            address, key = self.side.repo.agent_endpoint(name)
+            address, key = self.c.repo.agent_endpoint(name)
             with AgentClient(name, address, key, context=self.c.agent_context) as agent:
                 if p.needs_image:
                     self._fetch(agent, p, plan)
                     # Placement and `auto` see it before the node's next heartbeat.
                     try:
-                        self.side.repo.catalog.note_cached(name, self.image.id)
+                        self.c.repo.catalog.note_cached(name, self.image.id)
                     except Exception:
                         log.exception("deployment %s: noting %s cached on %s failed",
                                       self.deployment.id[:8], self.image.id, name)
@@ -337,7 +339,7 @@ class DeploymentRun:
             for inst in p.instances:
                 if inst.get("status") != "ready":
                     with contextlib.suppress(Exception):
-                        self.side.repo.set_instance(inst["id"], status=InstanceStatus.FAILED,
+                        self.c.repo.set_instance(inst["id"], status=InstanceStatus.FAILED,
                                                     error=message)
 
     def _fetch(self, agent: AgentClient, p: NodeProgress, plan: dict[str, Any]) -> None:
@@ -382,16 +384,16 @@ class DeploymentRun:
         p.fetched_s = self.elapsed()
         # One usage record per node and deployment (its Range requests are not logged).
         with contextlib.suppress(Exception):
-            self.side.repo.catalog.record_usage(
+            self.c.repo.catalog.record_usage(
                 self.image.id, self.viewer.id, "deploy",
                 int(p.stats.get("repo_bytes", 0)) + int(p.stats.get("peer_bytes", 0)),
                 utcnow())
-            self.side.repo.catalog.record_access(self.image.id, utcnow())
+            self.c.repo.catalog.record_access(self.image.id, utcnow())
 
     def _instances(self, agent: AgentClient, p: NodeProgress) -> None:
         p.state = "creating"
         ids = [f"{self.deployment.id[:8]}-{p.name}-{k}" for k in range(p.count)]
-        self.side.repo.add_instances(self.deployment, [(i, p.name, self.image.id) for i in ids])
+        self.c.repo.add_instances(self.deployment, [(i, p.name, self.image.id) for i in ids])
         opts = self.options
         items = [{"id": i, "image_id": self.image.id, "size": opts.get("size"),
                   "copy": bool(opts.get("copy", False)),
@@ -411,11 +413,11 @@ class DeploymentRun:
                      "error": r.get("error")}
             p.instances.append(entry)
             if r.get("error") is None:
-                self.side.repo.set_instance(str(r["id"]), status=InstanceStatus.READY,
+                self.c.repo.set_instance(str(r["id"]), status=InstanceStatus.READY,
                                             disk=str(r.get("disk") or ""), ready=utcnow())
             else:
                 failed.append(str(r.get("error")))
-                self.side.repo.set_instance(str(r["id"]), status=InstanceStatus.FAILED,
+                self.c.repo.set_instance(str(r["id"]), status=InstanceStatus.FAILED,
                                             error=str(r.get("error")))
         if failed:
             raise RainError(f"{len(failed)} of {len(results)} instance disks failed: "
@@ -427,7 +429,7 @@ class DeploymentRun:
         complete."""
         def one(name: str) -> None:
             with contextlib.suppress(Exception):
-                address, key = self.side.repo.agent_endpoint(name)
+                address, key = self.c.repo.agent_endpoint(name)
                 with AgentClient(name, address, key, timeout=10,
                                  context=self.c.agent_context) as agent:
                     final = agent.release(self.image.id)
@@ -489,7 +491,7 @@ class DeploymentRun:
             fields.update(status=status, finished=utcnow(),
                           error=self.deployment.error or _first_error(report))
         try:
-            self.side.repo.save_deployment(self.deployment.id, **fields)
+            self.c.repo.save_deployment(self.deployment.id, **fields)
         except Exception:
             log.exception("deployment %s: saving its report failed", self.deployment.id)
 

@@ -22,7 +22,7 @@ long in the past, so an image that was popular once cannot hold its place
 forever.
 
 Images backing a live instance disk are pinned (`pin`/`unpin`, a reference
-count held by `rain.distribute.instances.Instances`, which re-pins from its
+count held by `rain.agent.instances.Instances`, which re-pins from its
 own records on start) and are never evicted.
 
 Capacity counts allocated bytes (what the images really take on the node's

@@ -14,7 +14,7 @@ image closes the connection early. The receiver checks every chunk against
 the manifest (PartialImage.put) and drops a peer that sends a bad one.
 
 `GET /v1/peer/chunks/{hex digest}` returns one chunk by its digest, from any
-image the node holds (the `chunks` method).
+image the node holds (the `chunks` method: rain.distribute.methods.chunks).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from rain.distribute.partial import PartialImage
 
 FRAME = struct.Struct(">II")
 CHUNKS_PATH = "/v1/peer/images/{image_id}/chunks"
-CHUNK_BY_DIGEST_PATH = "/v1/peer/chunks/{digest}"
 WAIT_STEP = 1.0  # seconds between checks for a cancelled stream while a chunk is awaited
 
 

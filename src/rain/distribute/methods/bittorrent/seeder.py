@@ -21,7 +21,7 @@ connects to it; rarest-first then takes what is missing everywhere.
 
 Optionally (`view_turns`) the views take turns instead of all sending at
 once, and (`tail_seed`) the full seed joins the swarm once every stripe is
-sent (rain.distribute.bittorrent.turns; both off by default, as measured in
+sent (rain.distribute.methods.bittorrent.turns; both off by default, as measured in
 docs/bittorrent.md).
 
 Every session lets in only the running deployments' nodes (an IP filter of
@@ -43,9 +43,9 @@ from typing import Any
 
 import libtorrent as lt
 
-from rain.distribute.bittorrent.config import BitTorrentConfig
-from rain.distribute.bittorrent.session import Session, settings_pack, torrent_flags
-from rain.distribute.bittorrent.turns import Lane, Turns
+from rain.distribute.methods.bittorrent.config import BitTorrentConfig
+from rain.distribute.methods.bittorrent.session import Session, settings_pack, torrent_flags
+from rain.distribute.methods.bittorrent.turns import Lane, Turns
 
 log = logging.getLogger("rain.distribute.bittorrent")
 SERVICE = "bittorrent"  # key in RepoSide.services

@@ -16,13 +16,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from rain import __version__
-from rain.distribute.agent.config import AgentConfig
-from rain.distribute.agent.grants import PeerGrants
-from rain.distribute.agent.server import AgentHTTPServer
-from rain.distribute.agent.transfers import DONE, FETCHING, FetchRequest, Transfers
-from rain.distribute.cache import NodeCache, check_id
-from rain.distribute.chunkindex import ChunkIndex
-from rain.distribute.instances import Instances
+from rain.agent.cache import NodeCache, check_id
+from rain.agent.chunkindex import ChunkIndex
+from rain.agent.config import AgentConfig
+from rain.agent.grants import PeerGrants
+from rain.agent.instances import Instances
+from rain.agent.server import AgentHTTPServer
+from rain.agent.transfers import DONE, FETCHING, FetchRequest, Transfers
 from rain.distribute.partial import PartialImage
 from rain.distribute.source import TransferStats
 from rain.model.errors import (

@@ -1,6 +1,6 @@
 """Debian's udpcast (`udp-sender`, `udp-receiver`), wrapped once: argv, stderr, statistics.
 
-Quirks this module knows so that rain.distribute.methods.multicast does not:
+Quirks this module knows so that rain.distribute.methods.multicast.method does not:
 
 * Rendezvous. By default udpcast finds its peers through the interface's
   broadcast address, and an address added without `brd` (the testbed's, many

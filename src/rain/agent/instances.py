@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rain.distribute.cache import TMP_PREFIX, NodeCache, check_id
+from rain.agent.cache import TMP_PREFIX, NodeCache, check_id
 from rain.formats.overlay import create_copy, create_ephemeral, create_overlay
 from rain.model import DiskFormat
 from rain.model.errors import Conflict, NotFound

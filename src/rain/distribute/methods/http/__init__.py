@@ -1,0 +1,1 @@
+"""`http`: every node fetches the image from the repository (Range requests of chunk runs)."""
