@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from rain.api.app import create_app
 from rain.client import Client
+from rain.deploy.records import DeploymentRecords
 from rain.model import DeploymentStatus
 from rain.model.errors import Forbidden
 from rain.repo import Repository
@@ -67,12 +68,13 @@ def deployment(s: Setup, image: dict[str, Any], owner: str, nodes: list[str],
                status: DeploymentStatus = DeploymentStatus.RUNNING) -> str:
     """A deployment record in the server's catalog (no coordinator runs it)."""
     repo = server_repo(s.server)
+    records = DeploymentRecords(repo.catalog)
     try:
         user = repo.catalog.get_user(owner)
-        d = repo.new_deployment(user, repo.get(user, image["id"]), method="http", count=1,
+        d = records.new_deployment(user, repo.get(user, image["id"]), method="http", count=1,
                                 nodes=nodes, options={})
         if status != DeploymentStatus.RUNNING:
-            repo.save_deployment(d.id, status=status)
+            records.save_deployment(d.id, status=status)
         return d.id
     finally:
         repo.close()

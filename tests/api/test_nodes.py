@@ -15,6 +15,8 @@ import httpx
 import pytest
 
 from rain.client import Client
+from rain.deploy.nodes import NodeRegistry
+from rain.deploy.records import DeploymentRecords
 from rain.model import (
     DeploymentStatus,
     Image,
@@ -250,18 +252,19 @@ def test_deployments_and_instances_are_their_owners(server: Server, tokens: dict
     web = alice.push(make_raw(tmp_path / "web.raw", size=1 << 20), name="dep-web")
     db = bob.push(make_raw(tmp_path / "db.raw", size=1 << 20, seed=2), name="dep-db")
     repo = _server_repo(server)
+    records = DeploymentRecords(repo.catalog)
     try:
         a, b = repo.catalog.get_user("alice"), repo.catalog.get_user("bob")
-        d1 = repo.new_deployment(a, repo.get(a, web["id"]), method="tree", count=2,
+        d1 = records.new_deployment(a, repo.get(a, web["id"]), method="tree", count=2,
                                  nodes=["n1", "n2"], options={"fanout": 2})
-        d2 = repo.new_deployment(b, repo.get(b, db["id"]), method="http", count=1,
+        d2 = records.new_deployment(b, repo.get(b, db["id"]), method="http", count=1,
                                  nodes=["n1"], options={})
-        repo.add_instances(d1, [(f"{d1.id}-0", "n1", web["id"]),
+        records.add_instances(d1, [(f"{d1.id}-0", "n1", web["id"]),
                                 (f"{d1.id}-1", "n2", web["id"])])
-        repo.add_instances(d2, [(f"{d2.id}-0", "n1", db["id"])])
-        repo.set_instance(f"{d1.id}-0", status=InstanceStatus.READY, disk="/x/0.qcow2")
-        repo.set_instance(f"{d1.id}-1", status=InstanceStatus.DELETED)
-        repo.save_deployment(d1.id, status=DeploymentStatus.READY,
+        records.add_instances(d2, [(f"{d2.id}-0", "n1", db["id"])])
+        records.set_instance(f"{d1.id}-0", status=InstanceStatus.READY, disk="/x/0.qcow2")
+        records.set_instance(f"{d1.id}-1", status=InstanceStatus.DELETED)
+        records.save_deployment(d1.id, status=DeploymentStatus.READY,
                              report={"makespan_s": 1.25})
     finally:
         repo.close()
@@ -376,37 +379,39 @@ def test_torrents_and_manifests_need_pullable_images(repo: Repository, tmp_path:
 
 
 def test_node_states_and_agent_endpoint(repo: Repository) -> None:
+    nodes = NodeRegistry(repo.catalog, repo.config)
     admin, _ = repo.local_create_user("root", admin=True)
     alice, _ = repo.local_create_user("alice")
-    node = repo.register_node(admin, report("s1", cache_used=6 << 30, cache_pinned=4 << 30,
+    node = nodes.register_node(admin, report("s1", cache_used=6 << 30, cache_pinned=4 << 30,
                                             cached=["a", "b", "a"],
                                             in_flight=["c"], running_instances=3))
     assert node.cached == ["a", "b"]  # duplicates dropped
-    assert repo.agent_endpoint("s1") == ("http://198.18.0.11:8481", KEY)
+    assert nodes.agent_endpoint("s1") == ("http://198.18.0.11:8481", KEY)
     with pytest.raises(NotFound):
-        repo.agent_endpoint("s2")
+        nodes.agent_endpoint("s2")
     assert node.last_heartbeat is not None
     timeout = timedelta(seconds=repo.config.node_timeout_seconds)
     later = node.last_heartbeat + timeout + timedelta(seconds=1)
-    assert repo.node_up(node, node.last_heartbeat)
-    assert repo.node_up(node, node.last_heartbeat + timeout)
-    assert not repo.node_up(node, later)
-    (state,) = repo.node_states(node.last_heartbeat)
+    assert nodes.node_up(node, node.last_heartbeat)
+    assert nodes.node_up(node, node.last_heartbeat + timeout)
+    assert not nodes.node_up(node, later)
+    (state,) = nodes.node_states(node.last_heartbeat)
     assert state == NodeState(name="s1", address="http://198.18.0.11:8481", up=True,
                               capacity_instances=8, running_instances=3,
                               free_cache_bytes=6 << 30, cached=frozenset({"a", "b"}),
                               in_flight=frozenset({"c"}), last_heartbeat=node.last_heartbeat)
-    assert [s.up for s in repo.node_states(later)] == [False]
+    assert [s.up for s in nodes.node_states(later)] == [False]
     with pytest.raises(Forbidden):
-        repo.register_node(alice, report("s2"))
+        nodes.register_node(alice, report("s2"))
     with pytest.raises(Forbidden):
-        repo.node_heartbeat(alice, "s1", {})
+        nodes.node_heartbeat(alice, "s1", {})
     with pytest.raises(Unauthorized):
-        repo.list_nodes(None)
-    assert [n.name for n in repo.list_nodes(alice)] == ["s1"]
+        nodes.list_nodes(None)
+    assert [n.name for n in nodes.list_nodes(alice)] == ["s1"]
 
 
 def test_new_deployment_checks(repo: Repository, tmp_path: Path) -> None:
+    records = DeploymentRecords(repo.catalog)
     alice, _ = repo.local_create_user("alice")
     admin, _ = repo.local_create_user("root", admin=True)
     image = repo.create(alice, {"name": "d"})
@@ -417,15 +422,15 @@ def test_new_deployment_checks(repo: Repository, tmp_path: Path) -> None:
         args: dict[str, Any] = {"method": "http", "count": 1, "nodes": ["n1"], "options": {},
                                 **kw}
         with pytest.raises(InvalidRequest, match=phrase):
-            repo.new_deployment(alice, image, **args)
+            records.new_deployment(alice, image, **args)
     with pytest.raises(Unauthorized):
-        repo.new_deployment(None, image, method="http", count=1, nodes=[], options={})
-    pre = repo.new_deployment(admin, image, method="auto", count=0, nodes=["n1"], options={},
+        records.new_deployment(None, image, method="http", count=1, nodes=[], options={})
+    pre = records.new_deployment(admin, image, method="auto", count=0, nodes=["n1"], options={},
                               prefetch=True)
-    d = repo.new_deployment(alice, image, method="http", count=2, nodes=["n1"], options={})
+    d = records.new_deployment(alice, image, method="http", count=2, nodes=["n1"], options={})
     assert d.status == DeploymentStatus.RUNNING and d.method == "http"
-    assert [x.id for x in repo.list_deployments(alice)[0]] == [d.id]
-    assert [x.id for x in repo.list_deployments(admin)[0]] == [d.id, pre.id]
+    assert [x.id for x in records.list_deployments(alice)[0]] == [d.id]
+    assert [x.id for x in records.list_deployments(admin)[0]] == [d.id, pre.id]
     assert d.created is not None
     assert repo.catalog.deployment_times(d.created - timedelta(hours=1)) == [
         (image.id, d.created)]
@@ -433,5 +438,5 @@ def test_new_deployment_checks(repo: Repository, tmp_path: Path) -> None:
     repo.update(alice, image.id, {"deactivated": True})
     image = repo.get(alice, image.id)
     with pytest.raises(Forbidden):
-        repo.new_deployment(alice, image, method="http", count=1, nodes=[], options={})
-    repo.new_deployment(admin, image, method="http", count=1, nodes=[], options={})
+        records.new_deployment(alice, image, method="http", count=1, nodes=[], options={})
+    records.new_deployment(admin, image, method="http", count=1, nodes=[], options={})

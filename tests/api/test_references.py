@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from rain.client import Client
+from rain.deploy.records import DeploymentRecords
 from rain.model import BuildStatus
 from rain.model.errors import AmbiguousReference, NotFound
 from rain.repo import Repository
@@ -148,12 +149,13 @@ def test_build_and_deployment_prefixes(server: Server, tokens: dict[str, str],
     dan = Client(server.url, tokens["dan"])
     image = dan.push(make_raw(tmp_path / "b.raw", size=1 << 20, seed=50), name="built")["id"]
     repo = server_repo(server)
+    records = DeploymentRecords(repo.catalog)
     try:
         d = repo.catalog.get_user("dan")
         # finished already, so no build worker of the server takes them
         builds = [repo.catalog.create_build(d, template_digest="e" * 64, template="name: b\n",
                                             status=BuildStatus.SUCCEEDED) for _ in range(2)]
-        deps = [repo.new_deployment(d, repo.get(d, image), method="http", count=1,
+        deps = [records.new_deployment(d, repo.get(d, image), method="http", count=1,
                                     nodes=["n1"], options={}) for _ in range(2)]
         # two of each made to share their first 8 characters
         with repo.catalog.db.session() as s:

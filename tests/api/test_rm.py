@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from rain.client import Client
+from rain.deploy.records import DeploymentRecords
 from rain.model import InstanceStatus
 from rain.repo import Repository
 from tests.api.test_repository import make_raw
@@ -78,15 +79,16 @@ def test_rm_refuses_an_image_live_instances_use(server: Server, tokens: dict[str
     gus = tokens["gus"]
     image = push(server, gus, make_raw(tmp_path / "i.raw", size=1 << 20, seed=5), "rm-live")
     repo = Repository.open(server.data_dir, f"sqlite:///{server.data_dir / 'catalog.db'}")
+    records = DeploymentRecords(repo.catalog)
     try:
         owner = repo.catalog.get_user("gus")
-        dep = repo.new_deployment(owner, repo.get(owner, image), method="http", count=3,
+        dep = records.new_deployment(owner, repo.get(owner, image), method="http", count=3,
                                   nodes=["rm-n1", "rm-n2"], options={})
         placed = [(f"{dep.id[:8]}-{node}-{k}", node)
                   for node, k in (("rm-n1", 0), ("rm-n1", 1), ("rm-n2", 0))]
-        repo.add_instances(dep, [(i, node, image) for i, node in placed])
+        records.add_instances(dep, [(i, node, image) for i, node in placed])
         ids = [i for i, _ in placed]
-        repo.set_instance(ids[0], status=InstanceStatus.READY, disk="/x/0.qcow2")
+        records.set_instance(ids[0], status=InstanceStatus.READY, disk="/x/0.qcow2")
     finally:
         repo.close()
 
@@ -94,9 +96,10 @@ def test_rm_refuses_an_image_live_instances_use(server: Server, tokens: dict[str
     assert r.returncode == 1
     assert "backs 3 live instances (2 on rm-n1, 1 on rm-n2)" in r.stderr, r.stderr
     repo = Repository.open(server.data_dir, f"sqlite:///{server.data_dir / 'catalog.db'}")
+    records = DeploymentRecords(repo.catalog)
     try:
         for i in ids[:2]:
-            repo.set_instance(i, status=InstanceStatus.DELETED)
+            records.set_instance(i, status=InstanceStatus.DELETED)
     finally:
         repo.close()
     r = run_cli("rm", image[:8], env=server.env(gus), check=False)

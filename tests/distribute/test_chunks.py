@@ -508,7 +508,7 @@ def test_coordinator_lists_holders_and_partners(monkeypatch: pytest.MonkeyPatch)
               NodeState("down", "http://10.0.0.7:8481", up=False, cached=frozenset({"img"})),
               NodeState("other", "http://10.0.0.6:8481", up=True, cached=frozenset({"x"})),
               NodeState("n1", "http://10.0.0.1:8481", up=True, cached=frozenset())]
-    server = cast(Any, SimpleNamespace(repo=SimpleNamespace(node_states=lambda: states)))
+    server = cast(Any, SimpleNamespace(nodes=SimpleNamespace(node_states=lambda: states)))
     job = DeploymentJob(
         id="d", image=cast(Any, SimpleNamespace(id="img")), manifest=cast(Any, None),
         manifest_id="m", nodes=[NodeTarget("n1", "http://10.0.0.1:8481/", "k"),

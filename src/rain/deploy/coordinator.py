@@ -36,6 +36,8 @@ from typing import Any
 
 from rain.catalog import utcnow
 from rain.deploy.auto import choose_method
+from rain.deploy.nodes import NodeRegistry
+from rain.deploy.records import DeploymentRecords
 from rain.deploy.seeds import SeedFiles
 from rain.distribute.agentclient import AgentClient
 from rain.distribute.methods.base import DeploymentJob, NodeTarget, RepoSide, coordinator_method
@@ -97,7 +99,11 @@ class Coordinator:
 
     def __init__(self, repo: Repository, side: RepoSide) -> None:
         self.repo = repo  # side.repo, with what the coordinator records beyond the methods
+        # Nodes and deployments live in the repository's catalog, but are this side's.
+        self.nodes = NodeRegistry(repo.catalog, repo.config)
+        self.records = DeploymentRecords(repo.catalog)
         self.side = side
+        side.nodes = self.nodes
         self.seeds = SeedFiles(side.data_dir / "seeds", side.config.seed_dir_bytes)
         self.work = side.data_dir / "deployments"
         ca = getattr(side.config, "agent_ca", "")
@@ -120,7 +126,7 @@ class Coordinator:
         started = time.monotonic() if started is None else started
         counts = {p.node: p.count for p in placements}
         names = list(dict.fromkeys([*counts, *targets]))
-        dep = self.repo.new_deployment(
+        dep = self.records.new_deployment(
             viewer, image, method=method, count=sum(counts.values()), nodes=names,
             options=options, prefetch=prefetch)
         run = DeploymentRun(self, dep, viewer, image, counts, names, method, options, started)
@@ -237,7 +243,7 @@ class DeploymentRun:
         method = None
         stack = contextlib.ExitStack()
         try:
-            states = {s.name: s for s in repo.node_states()}
+            states = {s.name: s for s in self.c.nodes.node_states()}
             for name, p in self.nodes.items():
                 state = states.get(name)
                 p.needs_image = state is None or self.image.id not in state.cached
@@ -256,7 +262,7 @@ class DeploymentRun:
                 job = DeploymentJob(
                     id=self.deployment.id, image=self.image, manifest=manifest,
                     manifest_id=manifest_id,
-                    nodes=[NodeTarget(n, *repo.agent_endpoint(n)) for n in need],
+                    nodes=[NodeTarget(n, *self.c.nodes.agent_endpoint(n)) for n in need],
                     peer_token=self.peer_token, options=self.options,
                     seed_file=lambda: self.c.seeds.path(repo.store, manifest, self.image.id),
                     workdir=self.c.work / self.deployment.id, server=self.side,
@@ -312,7 +318,7 @@ class DeploymentRun:
     def _node(self, name: str, plan: dict[str, Any], manifest: ImageManifest) -> None:
         p = self.nodes[name]
         try:
-            address, key = self.c.repo.agent_endpoint(name)
+            address, key = self.c.nodes.agent_endpoint(name)
             with AgentClient(name, address, key, context=self.c.agent_context) as agent:
                 if p.needs_image:
                     self._fetch(agent, p, plan)
@@ -339,7 +345,7 @@ class DeploymentRun:
             for inst in p.instances:
                 if inst.get("status") != "ready":
                     with contextlib.suppress(Exception):
-                        self.c.repo.set_instance(inst["id"], status=InstanceStatus.FAILED,
+                        self.c.records.set_instance(inst["id"], status=InstanceStatus.FAILED,
                                                     error=message)
 
     def _fetch(self, agent: AgentClient, p: NodeProgress, plan: dict[str, Any]) -> None:
@@ -393,7 +399,7 @@ class DeploymentRun:
     def _instances(self, agent: AgentClient, p: NodeProgress) -> None:
         p.state = "creating"
         ids = [f"{self.deployment.id[:8]}-{p.name}-{k}" for k in range(p.count)]
-        self.c.repo.add_instances(self.deployment, [(i, p.name, self.image.id) for i in ids])
+        self.c.records.add_instances(self.deployment, [(i, p.name, self.image.id) for i in ids])
         opts = self.options
         items = [{"id": i, "image_id": self.image.id, "size": opts.get("size"),
                   "copy": bool(opts.get("copy", False)),
@@ -413,11 +419,11 @@ class DeploymentRun:
                      "error": r.get("error")}
             p.instances.append(entry)
             if r.get("error") is None:
-                self.c.repo.set_instance(str(r["id"]), status=InstanceStatus.READY,
+                self.c.records.set_instance(str(r["id"]), status=InstanceStatus.READY,
                                             disk=str(r.get("disk") or ""), ready=utcnow())
             else:
                 failed.append(str(r.get("error")))
-                self.c.repo.set_instance(str(r["id"]), status=InstanceStatus.FAILED,
+                self.c.records.set_instance(str(r["id"]), status=InstanceStatus.FAILED,
                                             error=str(r.get("error")))
         if failed:
             raise RainError(f"{len(failed)} of {len(results)} instance disks failed: "
@@ -429,7 +435,7 @@ class DeploymentRun:
         complete."""
         def one(name: str) -> None:
             with contextlib.suppress(Exception):
-                address, key = self.c.repo.agent_endpoint(name)
+                address, key = self.c.nodes.agent_endpoint(name)
                 with AgentClient(name, address, key, timeout=10,
                                  context=self.c.agent_context) as agent:
                     final = agent.release(self.image.id)
@@ -491,7 +497,7 @@ class DeploymentRun:
             fields.update(status=status, finished=utcnow(),
                           error=self.deployment.error or _first_error(report))
         try:
-            self.c.repo.save_deployment(self.deployment.id, **fields)
+            self.c.records.save_deployment(self.deployment.id, **fields)
         except Exception:
             log.exception("deployment %s: saving its report failed", self.deployment.id)
 

@@ -70,7 +70,7 @@ class Prefetcher:
                 continue
             if image.status == ImageStatus.ACTIVE and image.size:
                 images[image_id] = image
-        states = self.repo.node_states()
+        states = self.coordinator.nodes.node_states()
         orders = prefetch_plan([i for i in popular if i in images], states, cfg.max_per_node,
                                cfg.budget_bytes, {i: int(im.size or 0)
                                                   for i, im in images.items()})

@@ -82,6 +82,8 @@ class DeploymentService:
         self.repo = repo
         self.coordinator = coordinator
         self.schedule = schedule
+        self.nodes = coordinator.nodes
+        self.records = coordinator.records
 
     def create(self, viewer: User | None, req: DeploymentRequest) -> Deployment:
         """Start instances of an image on nodes, or (`prefetch`) only copy it there; the
@@ -95,7 +97,7 @@ class DeploymentService:
         method = _method(req.method or c.side.config.default_method)
         options = _options(req.options or {})
         policy = parse_policy(req.policy)
-        states = _current(r.node_states(), c.in_flight(), r.catalog.live_instance_counts())
+        states = _current(self.nodes.node_states(), c.in_flight(), r.catalog.live_instance_counts())
         targets = _targets(states, req.nodes, req.all_nodes)
         if req.prefetch:
             down = [s.name for s in states if s.name in targets and not s.up]
@@ -118,18 +120,18 @@ class DeploymentService:
                         placement=placement)
 
     def cancel(self, viewer: User | None, deployment_id: str) -> Deployment:
-        dep = self.repo.get_deployment(viewer, deployment_id)  # NotFound unless the viewer's
+        dep = self.records.get_deployment(viewer, deployment_id)  # NotFound unless the viewer's
         self.coordinator.cancel(dep.id)
-        return self.repo.get_deployment(viewer, deployment_id)
+        return self.records.get_deployment(viewer, deployment_id)
 
     def delete_instance(self, viewer: User | None, instance_id: str, *,
                         forget: bool = False) -> InstanceRecord:
         """Delete an instance's disks on its node (owner or admin); `forget`: close the
         record even when the node's agent does not answer (a node gone for good)."""
-        r = self.repo
+        r = self.records
         inst = r.get_instance(viewer, instance_id)
         if inst.status != InstanceStatus.DELETED:
-            address, key = r.agent_endpoint(inst.node)
+            address, key = self.nodes.agent_endpoint(inst.node)
             try:
                 # NotFound: gone on the node already (e.g. its disk never got made).
                 with AgentClient(inst.node, address, key,

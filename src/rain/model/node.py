@@ -7,10 +7,24 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
+
+from rain.model.errors import InvalidRequest
+
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_node_name(name: Any) -> str:
+    """A node's name as registered and as node tokens are bound to it (InvalidRequest if bad)."""
+    if not isinstance(name, str) or not NODE_NAME.fullmatch(name):
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+        raise InvalidRequest(f"bad node name {shown}: use 1-64 letters, digits, '.', "
+                             "'_', '-', starting with a letter or digit")
+    return name
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 A user manages their own tokens; an admin anyone's, and issues node tokens:
 the credential a node agent runs with. A node token is bound to one node
-name. It registers and reports that node (rain.repo.nodes) and reads an
+name. It registers and reports that node (rain.deploy.nodes) and reads an
 image only through a grant: a running deployment (or prefetch) of exactly
 that image that targets exactly that node, named by the request's
 `X-Rain-Deployment`. The read then happens as the deployment's owner, who
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from rain.catalog import Catalog
 from rain.model import ApiToken, DeploymentStatus, Forbidden, NotFound, User
+from rain.model.node import check_node_name
 from rain.repo.access import require_admin, require_user
-from rain.repo.nodes import check_node_name
 
 
 class Credentials:

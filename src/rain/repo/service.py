@@ -41,9 +41,8 @@ from rain.repo.access import (
 from rain.repo.config import RepoConfig
 from rain.repo.convert import variant_for
 from rain.repo.credentials import Credentials
-from rain.repo.deployments import DeploymentRecords
 from rain.repo.detect import detect_and_record, forget_detected
-from rain.repo.nodes import NodeRegistry
+from rain.repo.distribution import ImageDistribution
 from rain.repo.rebuild import PurgeAndRebuild, Rebuilder, feed_file
 from rain.repo.slots import UploadSlots
 from rain.repo.upload import UploadLimits, UploadResult, UploadSession, stream_into_store
@@ -67,7 +66,7 @@ class Download:
     size: int
 
 
-class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, UserAdmin):
+class Repository(PurgeAndRebuild, ImageDistribution, Credentials, UserAdmin):
     def __init__(self, catalog: Catalog, store: ChunkStore, config: RepoConfig,
                  work_dir: Path) -> None:
         self.catalog = catalog

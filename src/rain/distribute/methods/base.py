@@ -110,6 +110,12 @@ class ImageRepository(Protocol):
     def store_torrent(self, image_id: str, info_hash: str, piece_size: int,
                       data: bytes) -> None: ...
 
+
+
+class NodeDirectory(Protocol):
+    """The registered nodes, as the `chunks` method's repository half looks for holders
+    (rain.deploy.nodes.NodeRegistry)."""
+
     def node_states(self) -> list[NodeState]: ...
 
     def agent_endpoint(self, name: str) -> tuple[str, str]:
@@ -128,6 +134,8 @@ class RepoSide:
     data_dir: Path  # scratch and seed files live under it
     # How the repository verifies agents that serve HTTPS (None: the system CAs).
     agent_context: ssl.SSLContext | None = None
+    # The registered nodes (set by the coordinator, which keeps them).
+    nodes: NodeDirectory | None = None
     # Long-lived helpers a method keeps between deployments (e.g. the BitTorrent seeder),
     # by name; create them under `lock`.
     services: dict[str, Any] = field(default_factory=dict)

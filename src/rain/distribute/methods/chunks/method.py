@@ -86,8 +86,9 @@ class ChunksCoordinator:
         except (TypeError, ValueError):
             raise InvalidRequest("chunks options max_holders and owner_wait_seconds must be "
                                  "numbers") from None
+        assert job.server.nodes is not None, "the coordinator sets the nodes"
         candidates = sorted(
-            s.name for s in job.server.repo.node_states()
+            s.name for s in job.server.nodes.node_states()
              if s.up and s.address and job.image.id in s.cached and s.name not in deploying)
         holders = authorise_holders(job, candidates[:max(0, max_holders)])
         holder_list = [{"name": name, "url": url.rstrip("/")} for name, url in holders]
@@ -116,7 +117,8 @@ def _on_holders(job: DeploymentJob, names: Sequence[str], call: Any,
     """`call(agent)` on each named node at once: (name, address) where it worked."""
     def one(name: str) -> tuple[str, str] | None:
         try:
-            address, key = job.server.repo.agent_endpoint(name)
+            assert job.server.nodes is not None, "the coordinator sets the nodes"
+            address, key = job.server.nodes.agent_endpoint(name)
             with AgentClient(name, address, key, timeout=GRANT_TIMEOUT,
                              context=job.server.agent_context) as agent:
                 call(agent)

@@ -18,10 +18,10 @@ from urllib.parse import urlsplit
 
 from rain.catalog import Catalog, utcnow
 from rain.model import InvalidRequest, Node, NodeState, User
+from rain.model.node import check_node_name
 from rain.repo.access import require_admin, require_agent, require_user
 from rain.repo.config import RepoConfig
 
-NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 AGENT_KEY = re.compile(r"[A-Za-z0-9_-]{16,128}")
 INT_LIMITS = {"capacity_instances": 2**31 - 1, "running_instances": 2**31 - 1,
               "cache_capacity": 2**63 - 1, "cache_used": 2**63 - 1, "cache_pinned": 2**63 - 1}
@@ -33,13 +33,6 @@ REPORT_KEYS = frozenset({"name", "address", "agent_key", "version", *INT_LIMITS,
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def check_node_name(name: Any) -> str:
-    if not isinstance(name, str) or not NODE_NAME.fullmatch(name):
-        raise InvalidRequest(f"bad node name {_shown(name)}: use 1-64 letters, digits, '.', "
-                             "'_', '-', starting with a letter or digit")
-    return name
 
 
 def check_address(address: Any) -> str:
@@ -107,10 +100,11 @@ def check_report(report: Any, *, registering: bool) -> dict[str, Any]:
 
 
 class NodeRegistry:
-    """Mixed into `Repository` (which provides what is declared here)."""
+    """The repository server's nodes, kept in its catalog."""
 
-    catalog: Catalog
-    config: RepoConfig
+    def __init__(self, catalog: Catalog, config: RepoConfig) -> None:
+        self.catalog = catalog
+        self.config = config  # node_timeout_seconds
 
     def register_node(self, viewer: User | None, report: dict[str, Any]) -> Node:
         """Admin or the node's token: register a node, or register it again (a restarted

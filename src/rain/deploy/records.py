@@ -1,17 +1,15 @@
-"""Deployments, instances and what moving an image needs: its manifest and its torrent.
+"""Deployments and instances, as the repository server records them in its catalog.
 
 Deployments and instances are their owner's (and admins') business: anyone
 else gets NotFound, as for images they may not see. The coordinator writes
 them through the internal methods (no viewer) once the user's request was
-checked. Manifests and torrents are image data, so reading them takes the
-same checks as pulling the image.
+checked.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any
 
 from rain.catalog import Catalog, is_id_prefix, unique_prefix
 from rain.model import (
@@ -24,50 +22,15 @@ from rain.model import (
     User,
 )
 from rain.repo.access import require_readable_data, require_user
-from rain.store import ChunkStore, ImageManifest
 
-log = logging.getLogger("rain.repo")
 MAX_PAGE = 1000
 
 
 class DeploymentRecords:
-    """Mixed into `Repository` (which provides what is declared here)."""
+    """Deployments and their instances in the repository's catalog."""
 
-    catalog: Catalog
-    store: ChunkStore
-    # Called with the image each time one becomes active (an upload or a rebuild ends).
-    activation_hooks: list[Callable[[Image], None]]
-
-    if TYPE_CHECKING:
-        def readable_image(self, viewer: User | None, ref: str) -> Image: ...
-
-    # -- image data for distribution ------------------------------------------
-    def image_manifest(self, viewer: User | None, ref: str) -> tuple[Image, ImageManifest]:
-        """The stored manifest of an image the viewer may pull (its chunk digests)."""
-        image = self.readable_image(viewer, ref)
-        manifest_id = self.catalog.manifest_id(image.id)
-        assert manifest_id, f"active image {image.id} has no manifest"
-        return image, self.store.get_manifest(manifest_id)
-
-    def store_torrent(self, image_id: str, info_hash: str, piece_size: int,
-                      data: bytes) -> None:
-        self.catalog.put_torrent(image_id, info_hash, piece_size, data)
-
-    def torrent_for(self, viewer: User | None, ref: str) -> tuple[Image, str, int, bytes]:
-        """(image, info hash, piece size, torrent) of an image the viewer may pull."""
-        image = self.readable_image(viewer, ref)
-        found = self.catalog.get_torrent(image.id)
-        if found is None:
-            raise NotFound(f"image {image.id} has no torrent yet")
-        return (image, *found)
-
-    def run_activation_hooks(self, image: Image) -> None:
-        """Tell every hook that `image` is active; a failing hook is logged, nothing more."""
-        for hook in list(self.activation_hooks):
-            try:
-                hook(image)
-            except Exception:
-                log.exception("activation hook %r failed for image %s", hook, image.id)
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
 
     # -- deployments -----------------------------------------------------------
     def new_deployment(self, viewer: User | None, image: Image, *, method: str, count: int,
