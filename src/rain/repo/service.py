@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,9 @@ from rain.repo.access import (
     require_readable_data,
     require_user,
 )
+from rain.repo.builds import BuildRecords
 from rain.repo.config import RepoConfig
-from rain.repo.convert import variant_for
+from rain.repo.convert import materialize, variant_for
 from rain.repo.credentials import Credentials
 from rain.repo.deployments import DeploymentRecords
 from rain.repo.detect import detect_and_record, forget_detected
@@ -48,7 +49,15 @@ from rain.repo.rebuild import PurgeAndRebuild, Rebuilder, feed_file
 from rain.repo.slots import UploadSlots
 from rain.repo.upload import UploadLimits, UploadResult, UploadSession, stream_into_store
 from rain.repo.users import UserAdmin
-from rain.store import ChunkStore, FilesystemBackend, GcReport, ImageManifest, StoreConfig, collect
+from rain.store import (
+    ChunkStore,
+    FilesystemBackend,
+    GcReport,
+    ImageManifest,
+    ImageReader,
+    StoreConfig,
+    collect,
+)
 
 CREATE_FIELDS = {"name", "version", "description", "visibility", "os_distro", "os_release",
                  "arch", "tags", "properties", "packages", "parent", "base", "protected",
@@ -60,11 +69,21 @@ UPDATE_FIELDS = {"name", "version", "description", "visibility", "os_distro", "o
 
 @dataclass
 class Download:
+    """An image the viewer may pull now, in the format asked for; read it through here."""
+
     image: Image
     manifest: ImageManifest
     disk_format: DiskFormat
     sha256: str
     size: int
+    _store: ChunkStore = field(repr=False)
+
+    def reader(self) -> ImageReader:
+        return ImageReader(self._store, self.manifest, image=self.image.id)
+
+    def save(self, path: Path) -> None:
+        """Write it to a sparse local file (zero chunks become holes)."""
+        materialize(self._store, self.manifest, path, self.image.id)
 
 
 class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, UserAdmin):
@@ -82,6 +101,7 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, 
         # a torrent) hands it to a thread of its own.
         self.activation_hooks: list[Callable[[Image], None]] = []
         self.upload_slots = UploadSlots(config)  # uploads in progress, per user and in all
+        self.build_records = BuildRecords(self)  # the build queue's side of the repository
 
     @classmethod
     def open(cls, data_dir: Path, db_url: str, store_config: StoreConfig | None = None,
@@ -313,10 +333,11 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, 
         if fmt is None or fmt == image.disk_format or (
                 fmt == DiskFormat.RAW and image.disk_format == DiskFormat.ISO):
             manifest = self.store.get_manifest(manifest_id)
-            return Download(image, manifest, image.disk_format, manifest.sha256, manifest.size)
+            return Download(image, manifest, image.disk_format, manifest.sha256, manifest.size,
+                            self.store)
         variant = variant_for(self.catalog, self.store, image, manifest_id, fmt, self.work_dir)
         manifest = self.store.get_manifest(variant.manifest_id)
-        return Download(image, manifest, fmt, variant.sha256, variant.size)
+        return Download(image, manifest, fmt, variant.sha256, variant.size, self.store)
 
     async def open_download_async(self, viewer: User | None, ref: str,
                                   fmt: DiskFormat | None = None) -> Download:
