@@ -110,10 +110,26 @@ def test_only_the_owner_rebuilds_a_purged_image(env: Env) -> None:
 
 def test_a_token_is_its_users_to_revoke(env: Env) -> None:
     repo = env.repo
-    token, _ = repo.create_token(env.alice, label="laptop")
+    token, _ = repo.tokens.create_token(env.alice, label="laptop")
     with pytest.raises(NotFound):
-        repo.revoke_token(env.bob, token.id)
+        repo.tokens.revoke_token(env.bob, token.id)
     with pytest.raises(Forbidden):
-        repo.create_token(env.bob, user="alice")
-    assert [t.id for t in repo.list_tokens(env.alice) if t.label == "laptop"] == [token.id]
-    assert repo.revoke_token(env.alice, token.id).id == token.id
+        repo.tokens.create_token(env.bob, user="alice")
+    assert [t.id for t in repo.tokens.list_tokens(env.alice) if t.label == "laptop"] == [token.id]
+    assert repo.tokens.revoke_token(env.alice, token.id).id == token.id
+
+
+def test_users_and_groups_are_for_admins(env: Env) -> None:
+    users = env.repo.users
+    with pytest.raises(Forbidden):
+        users.list_users(env.bob)
+    with pytest.raises(Forbidden):
+        users.show_user(env.bob, "alice")
+    assert users.show_user(env.bob, "bob").name == "bob"  # but anyone may see themselves
+    with pytest.raises(Forbidden):
+        users.set_user_disabled(env.bob, "alice", True)
+    with pytest.raises(Forbidden):
+        users.create_group(env.bob, "staff")
+    with pytest.raises(Forbidden, match="yourself"):
+        users.delete_user(env.admin, "root")
+    assert users.set_user_disabled(env.admin, "alice", True).disabled

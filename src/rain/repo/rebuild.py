@@ -82,7 +82,7 @@ class PurgeAndRebuild:
         self.catalog.drop_variants(image.id)
         return self.catalog.get_image(image.id)
 
-    def purge_candidates(self, viewer: User | None, unused_for: timedelta) -> list[Image]:
+    def _purge_candidates(self, viewer: User | None, unused_for: timedelta) -> list[Image]:
         """Active built images not pulled (or, never pulled, created) for `unused_for`:
         the caller's own, or everyone's for an admin. Protected images are left out."""
         me = require_user(viewer)
@@ -100,9 +100,9 @@ class PurgeAndRebuild:
 
     def purge_unused(self, viewer: User | None, unused_for: timedelta, *,
                      dry_run: bool = False) -> list[Image]:
-        """Purge every candidate (see `purge_candidates`); returns what was (or would be)
+        """Purge every candidate (see `_purge_candidates`); returns what was (or would be)
         purged. An image that changes meanwhile (pulled, protected, deleted) is skipped."""
-        candidates = self.purge_candidates(viewer, unused_for)
+        candidates = self._purge_candidates(viewer, unused_for)
         if dry_run:
             return candidates
         purged = []
@@ -173,7 +173,7 @@ class PurgeAndRebuild:
             fields.update(template_text=text, template_parents=parents or None)
         return self.catalog.update_image(image.id, **fields)
 
-    def rebuilding(self, image: Image) -> RainError:
+    def _rebuilding(self, image: Image) -> RainError:
         """The error a pull of a purged image answers with, having started its rebuild."""
         if self.rebuilder is None:
             return Unsupported(f"image {image.id} was purged and this server cannot rebuild "

@@ -41,7 +41,7 @@ from rain.repo.access import (
 from rain.repo.builds import BuildRecords
 from rain.repo.config import RepoConfig
 from rain.repo.convert import materialize, variant_for
-from rain.repo.credentials import Credentials
+from rain.repo.credentials import Credentials, TokenAdmin
 from rain.repo.deployments import DeploymentRecords
 from rain.repo.detect import detect_and_record, forget_detected
 from rain.repo.nodes import NodeRegistry
@@ -86,7 +86,7 @@ class Download:
         materialize(self._store, self.manifest, path, self.image.id)
 
 
-class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, UserAdmin):
+class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials):
     def __init__(self, catalog: Catalog, store: ChunkStore, config: RepoConfig,
                  work_dir: Path) -> None:
         self.catalog = catalog
@@ -102,6 +102,8 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, 
         self.activation_hooks: list[Callable[[Image], None]] = []
         self.upload_slots = UploadSlots(config)  # uploads in progress, per user and in all
         self.build_records = BuildRecords(self)  # the build queue's side of the repository
+        self.users = UserAdmin(catalog)  # users and groups, for the admin routes
+        self.tokens = TokenAdmin(catalog)
 
     @classmethod
     def open(cls, data_dir: Path, db_url: str, store_config: StoreConfig | None = None,
@@ -115,7 +117,7 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, 
         self.store.close()
 
     @property
-    def tool_limits(self) -> ToolLimits:
+    def _tool_limits(self) -> ToolLimits:
         return ToolLimits(cpu_seconds=self.config.inspect_cpu_seconds,
                           memory_bytes=self.config.inspect_memory_bytes)
 
@@ -263,7 +265,7 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, 
         used, _ = self.catalog.usage_totals(owner.id)
         quota_left = None if owner.quota_bytes is None else max(owner.quota_bytes - used, 0)
         limits = UploadLimits(self.config.max_virtual_size, quota_left, owner.name,
-                              self.tool_limits, max_image_size=self.config.max_image_size)
+                              self._tool_limits, max_image_size=self.config.max_image_size)
         return UploadSession(self.store, declared=declared, limits=limits,
                              spool_dir=self.work_dir, interrupt=interrupt)
 
@@ -317,7 +319,7 @@ class Repository(PurgeAndRebuild, NodeRegistry, DeploymentRecords, Credentials, 
         self._require_read(viewer)
         image = self.catalog.resolve(ref, viewer)
         if image.status == ImageStatus.PURGED:
-            raise self.rebuilding(image)  # 503 with the rebuild's build id
+            raise self._rebuilding(image)  # 503 with the rebuild's build id
         if image.status not in (ImageStatus.ACTIVE, ImageStatus.DEACTIVATED):
             raise Conflict(f"image {image.id} is {image.status} and has no data to pull")
         require_readable_data(viewer, image)
