@@ -54,6 +54,7 @@ from rain.formats.inspect import convert_file
 from rain.model import DiskFormat, Image, ImageStatus, InvalidRequest, RainError, User, Visibility
 from rain.model.errors import Unsupported
 from rain.repo import Repository
+from rain.repo.builds import BuilderRepository
 from rain.sandbox import Sandbox, SandboxConfig
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def make_runner(repo: Repository, config: Config) -> ImageBuilder:
 class ImageBuilder:
     """`BuildRunner` for Debian templates (one installer per distribution)."""
 
-    def __init__(self, repo: Repository, data_dir: Path, *, boot_test: bool = True,
+    def __init__(self, repo: BuilderRepository, data_dir: Path, *, boot_test: bool = True,
                  boot_timeout: float = 180.0, sandbox: SandboxConfig | None = None,
                  keyring: str | None = None, max_download_bytes: int = 4 * 1024**3,
                  accel: AccelSetting = "auto") -> None:

@@ -17,13 +17,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rain.catalog import Catalog, is_id_prefix, unique_prefix, utcnow
 from rain.model import (
     Build,
     BuildStatus,
     Conflict,
+    DiskFormat,
     Forbidden,
     Image,
     ImageStatus,
@@ -35,7 +37,36 @@ from rain.model import (
 from rain.repo.access import require_user
 
 if TYPE_CHECKING:
-    from rain.repo.service import Repository
+    from rain.repo.service import Download, Repository
+
+
+class BuilderRepository(Protocol):
+    """The part of `Repository` an image builder (rain.build.builder) uses: every call
+    as the user the build runs as, so it can read and make only what that user may."""
+
+    def get(self, viewer: User | None, ref: str) -> Image: ...
+
+    def image_with_template(self, viewer: User | None, digest: str,
+                            status: ImageStatus = ImageStatus.ACTIVE) -> Image | None: ...
+
+    def open_download(self, viewer: User | None, ref: str,
+                      fmt: DiskFormat | None = None) -> Download: ...
+
+    def create(self, viewer: User | None, meta: dict[str, Any], *,
+               internal: bool = False) -> Image: ...
+
+    def upload_file(self, viewer: User | None, ref: str, path: Path,
+                    declared: DiskFormat | None = None) -> Image: ...
+
+    def record_template(self, viewer: User | None, ref: str, digest: str, *,
+                        text: str | None = None, parents: list[str] | None = None) -> Image: ...
+
+    def rebuild_base(self, viewer: User | None, ref: str) -> Image: ...
+
+    def restore_file(self, viewer: User | None, ref: str, path: Path,
+                     declared: DiskFormat | None = None,
+                     properties: dict[str, str] | None = None,
+                     drop: tuple[str, ...] = ()) -> Image: ...
 
 
 class BuildRecords:
