@@ -22,7 +22,6 @@ from rain.model import DiskFormat, InvalidRequest, RainError, User
 from rain.model.sparse import MEDIA_TYPE as SPARSE_MEDIA_TYPE
 from rain.model.units import parse_duration, parse_size
 from rain.repo import Repository
-from rain.store import ImageReader
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 Repo = Annotated[Repository, Depends(repo)]
@@ -115,7 +114,7 @@ async def download_image(ref: str, request: Request, r: Repo, user: Reader,
     if if_none_match and if_none_match.strip() in (headers["ETag"], "*"):
         return Response(status_code=304, headers={"ETag": headers["ETag"]})
 
-    reader = ImageReader(r.store, d.manifest, image=d.image.id)
+    reader = d.reader()
 
     async def stream() -> AsyncIterator[bytes]:
         # Usage is recorded before the last block leaves, so a client that has

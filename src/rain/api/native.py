@@ -44,7 +44,6 @@ from rain.deploy.coordinator import Coordinator
 from rain.distribute.httpserver import ServingHTTPServer
 from rain.model import DiskFormat, Image, InvalidRequest, RainError, User
 from rain.repo import Download, Repository
-from rain.store import ImageReader
 
 log = logging.getLogger("rain.api.native")
 FILE_PATH = re.compile(r"^/v1/images/([^/]+)/file$")
@@ -361,8 +360,7 @@ class RainHandler(BaseHTTPRequestHandler):
             return
         sent = 0
         try:
-            for block in ImageReader(self.repo.store, d.manifest, image=d.image.id).iter_range(
-                    start, end):
+            for block in d.reader().iter_range(start, end):
                 if sent + len(block) == end - start:
                     # Recorded before the last block leaves: a client holding the whole
                     # image also finds the pull in the usage log.
@@ -394,7 +392,7 @@ class RainHandler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         try:
-            reader = ImageReader(self.repo.store, d.manifest, image=d.image.id)
+            reader = d.reader()
             last: bytes | memoryview | None = None
             for part in sparse_parts(reader, sparse):
                 if last is not None:

@@ -5,14 +5,25 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Query
+from fastapi import APIRouter, Body, Depends, Query, Request
 
 from rain.api.deps import repo, viewer
 from rain.model import ApiToken, InvalidRequest, User
-from rain.repo import Repository
+from rain.repo.credentials import TokenAdmin
+from rain.repo.users import UserAdmin
+
+
+def users(request: Request) -> UserAdmin:
+    return repo(request).users
+
+
+def tokens(request: Request) -> TokenAdmin:
+    return repo(request).tokens
+
 
 router = APIRouter(prefix="/v1")
-Repo = Annotated[Repository, Depends(repo)]
+Users = Annotated[UserAdmin, Depends(users)]
+Tokens = Annotated[TokenAdmin, Depends(tokens)]
 Viewer = Annotated[User | None, Depends(viewer)]
 Object = Annotated[dict[str, Any], Body()]
 
@@ -27,20 +38,20 @@ def _fields(body: dict[str, Any], known: set[str]) -> dict[str, Any]:
 
 # -- users ---------------------------------------------------------------------------
 @router.get("/users", tags=["users"])
-def list_users(r: Repo, user: Viewer,
+def list_users(r: Users, user: Viewer,
                include_deleted: Annotated[bool, Query(alias="all")] = False) -> dict[str, Any]:
     """Admin: every user by name; `all=true` adds deleted ones (tombstones)."""
     return {"users": [u.to_dict() for u in r.list_users(user, include_deleted=include_deleted)]}
 
 
 @router.get("/users/{name}", tags=["users"])
-def show_user(name: str, r: Repo, user: Viewer) -> dict[str, Any]:
+def show_user(name: str, r: Users, user: Viewer) -> dict[str, Any]:
     """Admin (or the user themselves)."""
     return r.show_user(user, name).to_dict()
 
 
 @router.patch("/users/{name}", tags=["users"])
-def update_user(name: str, r: Repo, user: Viewer, body: Object) -> dict[str, Any]:
+def update_user(name: str, r: Users, user: Viewer, body: Object) -> dict[str, Any]:
     """Admin: `{"disabled": true}` makes every token of the user answer 401 at once;
     `false` enables the user again."""
     disabled = _fields(body, {"disabled"}).get("disabled")
@@ -50,7 +61,7 @@ def update_user(name: str, r: Repo, user: Viewer, body: Object) -> dict[str, Any
 
 
 @router.delete("/users/{name}", tags=["users"])
-def delete_user(name: str, r: Repo, user: Viewer,
+def delete_user(name: str, r: Users, user: Viewer,
                 transfer_to: str | None = None) -> dict[str, Any]:
     """Admin: delete a user (409 while they own images that are not deleted, unless
     `transfer_to=USER` gives those to another user). The name stays taken."""
@@ -61,39 +72,39 @@ def delete_user(name: str, r: Repo, user: Viewer,
 
 # -- groups --------------------------------------------------------------------------
 @router.get("/groups", tags=["users"])
-def list_groups(r: Repo, user: Viewer) -> dict[str, Any]:
+def list_groups(r: Users, user: Viewer) -> dict[str, Any]:
     """Admin: every group with its members."""
     return {"groups": [g.to_dict() for g in r.list_groups(user)]}
 
 
 @router.post("/groups", tags=["users"], status_code=201)
-def create_group(r: Repo, user: Viewer, body: Object) -> dict[str, Any]:
+def create_group(r: Users, user: Viewer, body: Object) -> dict[str, Any]:
     """Admin: `{"name": NAME}` (409 if it exists)."""
     name = _fields(body, {"name"}).get("name")
     return r.create_group(user, str(name or "")).to_dict()
 
 
 @router.get("/groups/{name}", tags=["users"])
-def show_group(name: str, r: Repo, user: Viewer) -> dict[str, Any]:
+def show_group(name: str, r: Users, user: Viewer) -> dict[str, Any]:
     return r.show_group(user, name).to_dict()
 
 
 @router.delete("/groups/{name}", tags=["users"])
-def delete_group(name: str, r: Repo, user: Viewer) -> dict[str, Any]:
+def delete_group(name: str, r: Users, user: Viewer) -> dict[str, Any]:
     """Admin: delete the group; images shared with it are no longer shared with its
     members."""
     return r.delete_group(user, name).to_dict()
 
 
 @router.post("/groups/{name}/members", tags=["users"])
-def add_members(name: str, r: Repo, user: Viewer, body: Object) -> dict[str, Any]:
+def add_members(name: str, r: Users, user: Viewer, body: Object) -> dict[str, Any]:
     """Admin: `{"users": [NAME, ...]}` join the group (all or none)."""
     return r.add_group_members(user, name, _names(_fields(body, {"users"}).get("users"))
                                ).to_dict()
 
 
 @router.delete("/groups/{name}/members", tags=["users"])
-def remove_members(name: str, r: Repo, user: Viewer,
+def remove_members(name: str, r: Users, user: Viewer,
                    users: Annotated[list[str] | None, Query(alias="user")] = None,
                    ) -> dict[str, Any]:
     """Admin: `?user=A&user=B` leave the group (all or none; each must be in it)."""
@@ -108,7 +119,7 @@ def _names(value: Any) -> list[str]:
 
 # -- tokens --------------------------------------------------------------------------
 @router.get("/tokens", tags=["users"])
-def list_tokens(r: Repo, user: Viewer, of_user: Annotated[str | None, Query(alias="user")]
+def list_tokens(r: Tokens, user: Viewer, of_user: Annotated[str | None, Query(alias="user")]
                 = None, node: str | None = None,
                 everyone: Annotated[bool, Query(alias="all")] = False) -> dict[str, Any]:
     """Your tokens (id, label, created, last used; never the secret). Admins: `user=NAME`,
@@ -118,7 +129,7 @@ def list_tokens(r: Repo, user: Viewer, of_user: Annotated[str | None, Query(alia
 
 
 @router.post("/tokens", tags=["users"], status_code=201)
-def create_token(r: Repo, user: Viewer, body: Object) -> dict[str, Any]:
+def create_token(r: Tokens, user: Viewer, body: Object) -> dict[str, Any]:
     """A new token for you: `{"label"}`. Admins: `{"user": NAME}` for another user, or
     `{"node": NAME}` for a node token. The answer's `token` is shown this once."""
     fields = _fields(body, {"label", "user", "node"})
@@ -131,7 +142,7 @@ def create_token(r: Repo, user: Viewer, body: Object) -> dict[str, Any]:
 
 
 @router.delete("/tokens/{token_id}", tags=["users"])
-def revoke_token(token_id: int, r: Repo, user: Viewer) -> dict[str, Any]:
+def revoke_token(token_id: int, r: Tokens, user: Viewer) -> dict[str, Any]:
     """Revoke one of your tokens (admins: any): requests with it answer 401 from now on."""
     return r.revoke_token(user, token_id).to_dict()
 

@@ -54,7 +54,7 @@ from rain.formats.inspect import convert_file
 from rain.model import DiskFormat, Image, ImageStatus, InvalidRequest, RainError, User, Visibility
 from rain.model.errors import Unsupported
 from rain.repo import Repository
-from rain.repo.convert import materialize
+from rain.repo.builds import BuilderRepository
 from rain.sandbox import Sandbox, SandboxConfig
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def make_runner(repo: Repository, config: Config) -> ImageBuilder:
 class ImageBuilder:
     """`BuildRunner` for Debian templates (one installer per distribution)."""
 
-    def __init__(self, repo: Repository, data_dir: Path, *, boot_test: bool = True,
+    def __init__(self, repo: BuilderRepository, data_dir: Path, *, boot_test: bool = True,
                  boot_timeout: float = 180.0, sandbox: SandboxConfig | None = None,
                  keyring: str | None = None, max_download_bytes: int = 4 * 1024**3,
                  accel: AccelSetting = "auto") -> None:
@@ -126,36 +126,34 @@ class ImageBuilder:
             if rebuild_of is not None:
                 # The same template on the same parent as the first time (the digest
                 # is the image's; nothing is resolved again).
-                image = self.repo.catalog.get_image(rebuild_of)
-                if image.parent is None:
-                    raise InvalidRequest(f"image {image.id} has no parent to rebuild it on")
-                return self._build_one(viewer, request.template, image.parent, request.digest,
+                on = self.repo.rebuild_base(viewer, rebuild_of)
+                return self._build_one(viewer, request.template, on, request.digest,
                                        progress, work, rebuild_of=rebuild_of,
-                                       parents=request.parent_texts)
+                                       parents=request.parent_texts).id
             if root.base.kind == "distro":
-                current = self._base(viewer, root, progress, work).id
+                current = self._base(viewer, root, progress, work)
                 resolved = ""
             else:
-                current = resolved = self.repo.get(viewer, root.base.image).id
+                current = self.repo.get(viewer, root.base.image)
+                resolved = current.id
             digests = chain_digests(request, resolved)
             for i, template in enumerate(chain[:-1]):
-                hit = self.repo.catalog.image_with_template(digests[i], viewer)
+                hit = self.repo.image_with_template(viewer, digests[i])
                 if hit is not None:
                     progress.log(f"parent template {template.name}: image {hit.id} "
                                  "(template hit)")
-                    current = hit.id
+                    current = hit
                     continue
                 current = self._build_one(viewer, template, current, digests[i], progress,
                                           work, rebuild_of=None,
                                           parents=[t.text for t in reversed(chain[:i])])
             return self._build_one(viewer, request.template, current, digests[-1], progress,
-                                   work, rebuild_of=None, parents=request.parent_texts)
+                                   work, rebuild_of=None, parents=request.parent_texts).id
 
     # -- one template on top of an image ------------------------------------------
-    def _build_one(self, viewer: User, template: Template, start: str, digest: str,
+    def _build_one(self, viewer: User, template: Template, base: Image, digest: str,
                    progress: BuildProgress, work: Path, *, rebuild_of: str | None,
-                   parents: list[str]) -> str:
-        base = self.repo.catalog.get_image(start)
+                   parents: list[str]) -> Image:
         distro, release = base.os_distro or "", base.os_release or ""
         installer = self._installer(distro)
         raw = work / f"{template.name}.raw"
@@ -189,7 +187,7 @@ class ImageBuilder:
                 return self.repo.restore_file(
                     viewer, rebuild_of, qcow2, DiskFormat.QCOW2,
                     properties={"rain.boot_seconds": f"{boot:.1f}"} if boot else None,
-                    drop=() if boot else ("rain.boot_seconds",)).id  # not boot-tested now
+                    drop=() if boot else ("rain.boot_seconds",))  # not boot-tested now
             image = self.repo.create(viewer, {
                 "name": template.name, "version": template.version or None,
                 "description": template.description or None,
@@ -198,10 +196,8 @@ class ImageBuilder:
                 "properties": {"rain.boot_seconds": f"{boot:.1f}"} if boot else {},
             }, internal=True)
             image = self.repo.upload_file(viewer, image.id, qcow2, DiskFormat.QCOW2)
-            self.repo.catalog.update_image(image.id, template_digest=digest,
-                                           template_text=template.text,
-                                           template_parents=parents or None)
-            return image.id
+            return self.repo.record_template(viewer, image.id, digest, text=template.text,
+                                             parents=parents)
 
     def _finish_disk(self, raw: Path, progress: BuildProgress,
                      work: Path) -> tuple[Path, float | None]:
@@ -231,7 +227,7 @@ class ImageBuilder:
         ref = root.base
         digest = base_digest(ref, root.arch)
         with self._lock(digest):
-            found = self.repo.catalog.image_with_template(digest, viewer)
+            found = self.repo.image_with_template(viewer, digest)
             if found is not None:
                 progress.log(f"base image {found.id} ({found.name}) for {ref}/{root.arch}")
                 return found
@@ -272,7 +268,7 @@ class ImageBuilder:
                     "properties": {"rain.boot_seconds": f"{boot:.1f}"} if boot else {},
                 }, internal=True)
                 image = self.repo.upload_file(viewer, image.id, qcow2, DiskFormat.QCOW2)
-                self.repo.catalog.update_image(image.id, template_digest=digest)
+                image = self.repo.record_template(viewer, image.id, digest)
             (self.disk_cache / f"{digest}.raw").rename(self.disk_cache / f"{image.id}.raw")
             (self.disk_cache / f"{image.id}.sha256").write_text(image.sha256 or "")
             return image
@@ -288,7 +284,7 @@ class ImageBuilder:
             d = self.repo.open_download(viewer, image.id)
             with tempfile.TemporaryDirectory(dir=self.disk_cache) as tmp:
                 exported = Path(tmp) / f"image.{d.disk_format}"
-                materialize(self.repo.store, d.manifest, exported, image.id)
+                d.save(exported)
                 if d.disk_format == DiskFormat.RAW:
                     exported.rename(cached)
                 else:

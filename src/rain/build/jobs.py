@@ -11,7 +11,9 @@ and no job), resolves its digest, and then, cheapest first:
 4. otherwise a new queued job.
 
 Jobs live in the catalog, so several servers can share a queue and a job
-survives a restart while queued. `max_concurrent` worker threads per server
+survives a restart while queued; the queue reads and writes them only through
+the repository's `BuildRecords` (rain.repo.builds), which also decides who may
+see or cancel a build. `max_concurrent` worker threads per server
 claim the oldest queued job (compare-and-set), run it through the
 `BuildRunner`, and record the result. A running job whose server died is
 marked failed — by the next server to start on that host at once, by any
@@ -40,22 +42,18 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rain.build.config import BuildConfig
-from rain.build.progress import CatalogProgress
+from rain.build.progress import BufferedProgress
 from rain.build.request import BuildRequest, parse_request
-from rain.catalog import is_id_prefix, unique_prefix, utcnow
 from rain.model import (
     Build,
     BuildStatus,
     Conflict,
-    Forbidden,
     Image,
     ImageStatus,
-    InvalidRequest,
-    NotFound,
     RainError,
     Unsupported,
     User,
@@ -140,7 +138,7 @@ class BuildQueue:
     def __init__(self, repo: Repository, runner: BuildRunner | None,
                  config: BuildConfig | None = None, *, unavailable: str = "") -> None:
         self.repo = repo
-        self.catalog = repo.catalog
+        self.records = repo.build_records
         self.runner = runner
         self.config = config or BuildConfig()
         self.unavailable = unavailable or "this server has no image builder"
@@ -152,7 +150,7 @@ class BuildQueue:
         self._generation = 0
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._running: dict[str, CatalogProgress] = {}
+        self._running: dict[str, BufferedProgress] = {}
 
     # -- requests --------------------------------------------------------------
     def submit(self, viewer: User | None, text: str, parents: Sequence[str] = (),
@@ -164,118 +162,58 @@ class BuildQueue:
         runner = self._require_runner()
         digest = runner.resolve(user, request)
         with self._submit_lock:
-            hit = self.catalog.image_with_template(digest, user)
+            hit = self.repo.image_with_template(user, digest)
             if hit is not None:
-                build = self.catalog.create_build(
-                    user, template_digest=digest, template=text,
-                    template_parents=request.parent_texts, status=BuildStatus.SUCCEEDED,
-                    cached=True, image_id=hit.id)
-                self.catalog.update_build(build.id, append_log=(
-                    f"template hit: image {hit.id} ({hit.name}) already has template digest "
-                    f"{digest}; nothing to build\n"))
-                return self.catalog.get_build(build.id)
-            purged = self.catalog.image_with_template(digest, user, ImageStatus.PURGED)
+                return self.records.record_template_hit(user, digest, text,
+                                                        request.parent_texts, hit)
+            purged = self.repo.image_with_template(user, digest, ImageStatus.PURGED)
             if purged is not None:
-                return self.catalog.get_build(self._rebuild_locked(purged))
-            same = self.catalog.find_active_build(owner_id=user.id, template_digest=digest)
+                return self.records.load(self.records.queue_rebuild(purged))
+            same = self.records.running_build_of(user, digest)
             if same is not None:
                 return same
-            build = self.catalog.create_build(user, template_digest=digest, template=text,
-                                              template_parents=request.parent_texts)
+            build = self.records.queue_build(user, digest, text, request.parent_texts)
         self._notify()
         return build
 
     def rebuild(self, viewer: User | None, ref: str) -> Build:
         """Rebuild a purged image now (owner or admin); joins a rebuild already going."""
         image = self.repo.purged_for_rebuild(viewer, ref)
-        return self.catalog.get_build(self.rebuild_purged(image))
+        return self.records.load(self.rebuild_purged(image))
 
     def rebuild_purged(self, image: Image) -> str:
         """Start (or join) the rebuild of a purged image; the `Rebuilder` of the repository."""
         self._require_runner()
         with self._submit_lock:
-            build_id = self._rebuild_locked(image)
+            build_id = self.records.queue_rebuild(image)
         self._notify()
         return build_id
 
-    def _rebuild_locked(self, image: Image) -> str:
-        same = self.catalog.find_active_build(rebuild_of=image.id)
-        if same is not None:
-            return same.id
-        if not image.template or not image.template_digest:
-            raise Conflict(f"image {image.id} has no template and cannot be rebuilt")
-        # The image's owner rebuilds it, whoever asked: it resolves and is stored as theirs.
-        owner = self.catalog.get_user(image.owner)
-        return self.catalog.create_build(
-            owner, template_digest=image.template_digest, template=image.template,
-            template_parents=image.template_parents, rebuild_of=image.id).id
-
     def get(self, viewer: User | None, build_id: str, *, log_offset: int | None = 0) -> Build:
-        """A build the viewer may see, by id or unique id prefix: their own, or one that
-        made or remakes an image they may see (admins see all); anything else is 404."""
-        if viewer is None and not self.repo.config.anonymous_read:
-            require_user(viewer)
-        try:
-            build = self.catalog.get_build(build_id, log_offset=log_offset)
-        except NotFound:
-            if not is_id_prefix(build_id):
-                raise
-            seen = [b for b in map(self.catalog.get_build,
-                                   self.catalog.build_ids_with_prefix(build_id))
-                    if self._may_see(viewer, b)]
-            found = unique_prefix("build", build_id, seen,
-                                  lambda b: f"{b.id} ({b.owner}, {b.status})")
-            return self.catalog.get_build(found.id, log_offset=log_offset)
-        if not self._may_see(viewer, build):
-            raise NotFound(f"no build {build_id!r}")
-        return build
+        """A build the viewer may see (rain.repo.builds says which), by id or unique prefix."""
+        return self.records.get(viewer, build_id, log_offset=log_offset)
 
     def list_builds(self, viewer: User | None, *, image: str | None = None,
-             statuses: Sequence[str] = (), limit: int = 50,
-             offset: int = 0) -> tuple[list[Build], int]:
+                    statuses: Sequence[str] = (), limit: int = 50,
+                    offset: int = 0) -> tuple[list[Build], int]:
         """Own builds (admins: all), newest first; with `image`, the builds of that image."""
-        me = require_user(viewer)
-        if not 1 <= limit <= 1000 or offset < 0:
-            raise InvalidRequest("limit must be 1..1000 and offset >= 0")
-        if image is not None:
-            image_id = self.repo.get(me, image).id
-            return self.catalog.list_builds(image_id=image_id, statuses=statuses,
-                                            limit=limit, offset=offset)
-        return self.catalog.list_builds(owner=None if me.is_admin else me.name,
-                                        statuses=statuses, limit=limit, offset=offset)
+        return self.records.list_builds(viewer, image=image, statuses=statuses, limit=limit,
+                                        offset=offset)
 
     def cancel(self, viewer: User | None, build_id: str) -> Build:
         """Cancel a build (its owner or an admin): a queued one ends `cancelled` now, a
         running one is `cancelling` until its worker has stopped it."""
-        build = self.get(viewer, build_id, log_offset=None)
-        build_id = build.id  # the whole id, when a prefix was given
-        me = require_user(viewer)
-        if not (me.is_admin or me.name == build.owner):
-            raise Forbidden(f"only the owner or an admin may cancel build {build_id}")
-        status = self.catalog.request_cancel(build_id, f"cancelled by {me.name}")
-        if status is None:
-            now = self.catalog.get_build(build_id).status
-            raise Conflict(f"build {build_id} has already {_ended(now)}; there is nothing to "
-                           "cancel")
-        progress = self._running.get(build_id)
+        build = self.records.request_cancel(viewer, build_id)
+        progress = self._running.get(build.id)
         if progress is not None:
-            self._stop(progress, me.name)
-        return self.catalog.get_build(build_id)
+            self._stop(progress, require_user(viewer).name)
+        return build
 
     @staticmethod
-    def _stop(progress: CatalogProgress, who: str) -> None:
+    def _stop(progress: BufferedProgress, who: str) -> None:
         if not progress.cancelled.is_set():
             progress.log(f"cancel requested by {who}: stopping at the next step")
             progress.cancelled.set()
-
-    def _may_see(self, viewer: User | None, build: Build) -> bool:
-        if viewer is not None and (viewer.is_admin or viewer.name == build.owner):
-            return True
-        for image_id in {build.image_id, build.rebuild_of} - {None}:
-            with contextlib.suppress(RainError):
-                self.repo.get(viewer, str(image_id))
-                return True
-        return False
 
     def _require_runner(self) -> BuildRunner:
         if self.runner is None:
@@ -302,22 +240,18 @@ class BuildQueue:
             with contextlib.suppress(Exception):
                 progress.log("the server stopped while this build ran")
                 progress.flush()
-            self.catalog.finish_build(build_id, BuildStatus.FAILED,
-                                      error="the server stopped while this build ran")
-            self.catalog.finish_build(build_id, BuildStatus.CANCELLED,
-                                      expect=[BuildStatus.CANCELLING])
+            self.records.abandon(build_id, "the server stopped while this build ran")
         for thread in self._threads:
             thread.join(timeout if thread.name == "rain-build-flush" else 0.1)
 
     def recover(self) -> list[str]:
         """Mark running builds whose server is gone failed; returns their ids."""
-        return self.catalog.fail_dead_builds(
-            self._is_dead, "the server running this build stopped before it finished")
+        return self.records.fail_dead(
+            timedelta(seconds=self.config.stale_after_seconds), self._worker_gone,
+            "the server running this build stopped before it finished")
 
-    def _is_dead(self, build_id: str, worker: str | None, heartbeat: datetime | None) -> bool:
-        if heartbeat is None or heartbeat < utcnow() - timedelta(
-                seconds=self.config.stale_after_seconds):
-            return True
+    def _worker_gone(self, build_id: str, worker: str | None) -> bool:
+        """A build with a fresh heartbeat: is its worker a process of this host that died?"""
         host, _, pid = (worker or "").rpartition(":")
         if host != self.host or not pid.isdigit():
             return False  # another machine's build with a fresh heartbeat
@@ -340,7 +274,7 @@ class BuildQueue:
             with self._wake:
                 seen = self._generation
             try:
-                build = self.catalog.claim_build(self.worker)
+                build = self.records.claim(self.worker)
             except Exception:
                 log.exception("cannot read the build queue")
                 build = None
@@ -361,7 +295,7 @@ class BuildQueue:
                 except Exception:
                     log.exception("cannot record the progress of build %s", progress.build_id)
             try:  # cancel requests made through another server sharing the catalog
-                for build_id in self.catalog.cancelling_builds(list(self._running)):
+                for build_id in self.records.asked_to_stop(list(self._running)):
                     stopping = self._running.get(build_id)
                     if stopping is not None:
                         self._stop(stopping, "a user (through another server)")
@@ -374,9 +308,9 @@ class BuildQueue:
                     self.recover()
 
     def _execute(self, build: Build) -> None:
-        progress = CatalogProgress(self.catalog, build.id,
-                                   max_log_chars=self.config.max_log_chars,
-                                   log_size=build.log_size)
+        progress = BufferedProgress(self.records, build.id,
+                                    max_log_chars=self.config.max_log_chars,
+                                    log_size=build.log_size)
         self._running[build.id] = progress
         try:
             image_id = self._run(build, progress)
@@ -397,17 +331,18 @@ class BuildQueue:
             # Asked to stop while it finished: a success the CAS refuses (cancelling).
             stopped = progress.cancelled.is_set() or not self._finish(
                 build, progress, BuildStatus.SUCCEEDED, image_id=image_id, progress=1.0)
-            if stopped and (progress.cancelled.is_set() or self.catalog.get_build(
-                    build.id).status is BuildStatus.CANCELLING):
+            if stopped and (progress.cancelled.is_set() or self.records.status(
+                    build.id) is BuildStatus.CANCELLING):
                 self._cancelled(build, progress, image_id)
         finally:
             self._running.pop(build.id, None)
 
-    def _cancelled(self, build: Build, progress: CatalogProgress, image_id: str | None) -> None:
+    def _cancelled(self, build: Build, progress: BufferedProgress,
+                   image_id: str | None) -> None:
         """End a build that was asked to stop; an image it made anyway is taken back."""
         if image_id is not None:
             try:
-                self._discard(build, image_id)
+                self.records.take_back_image(build, image_id)
                 progress.log(f"build cancelled: image {image_id} it had made was "
                              + ("purged again" if build.rebuild_of else "deleted"))
             except Exception:
@@ -417,39 +352,30 @@ class BuildQueue:
         self._finish(build, progress, BuildStatus.CANCELLED,
                      expect=[BuildStatus.RUNNING, BuildStatus.CANCELLING])
 
-    def _discard(self, build: Build, image_id: str) -> None:
-        if build.rebuild_of:
-            self.catalog.transition(image_id, [ImageStatus.ACTIVE], ImageStatus.PURGED,
-                                    manifest_id=None, stored_bytes=0)
-        else:
-            self.catalog.transition(image_id, [s for s in ImageStatus
-                                               if s != ImageStatus.DELETED],
-                                    ImageStatus.DELETED)
-            self.catalog.drop_variants(image_id)
-
-    def _run(self, build: Build, progress: CatalogProgress) -> str:
+    def _run(self, build: Build, progress: BufferedProgress) -> str:
         runner = self._require_runner()
-        owner = self.catalog.get_user(build.owner)
+        owner = self.records.owner(build)
         request = replace(parse_request(build.template, build.template_parents),
                           digest=build.template_digest)
-        before = self.catalog.get_image(build.rebuild_of) if build.rebuild_of else None
+        before = self.records.image_before_rebuild(build)
         image_id = runner.run(owner, request, progress, rebuild_of=build.rebuild_of)
         if before is not None and image_id != before.id:
             raise Conflict(f"the builder rebuilt image {before.id} as {image_id}")
-        image = self.repo.record_build(image_id, replace(build, timings=dict(progress.timings)))
+        image = self.records.record_image(image_id,
+                                          replace(build, timings=dict(progress.timings)))
         if before is not None:
             progress.log(_package_change(before, image))
         return image_id
 
-    def _finish(self, build: Build, reporter: CatalogProgress, status: BuildStatus,
+    def _finish(self, build: Build, reporter: BufferedProgress, status: BuildStatus,
                 expect: Sequence[BuildStatus] = (BuildStatus.RUNNING,),
                 **fields: Any) -> bool:
         with contextlib.suppress(Exception):
             reporter.flush()
-        if not self.catalog.finish_build(build.id, status, expect=expect,
-                                         timings=dict(reporter.timings), **fields):
+        if not self.records.finish(build.id, status, expect=expect,
+                                   timings=dict(reporter.timings), **fields):
             log.info("build %s had already been ended (%s)", build.id,
-                     self.catalog.get_build(build.id).status)
+                     self.records.status(build.id))
             return False
         return True
 
@@ -471,8 +397,3 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _ended(status: str) -> str:
-    """`succeeded`, `failed`, `been cancelled`: what "build X has already …" ends with."""
-    return {"succeeded": "succeeded", "failed": "failed"}.get(str(status), f"been {status}")

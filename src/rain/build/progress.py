@@ -1,4 +1,4 @@
-"""What a running build reports, collected in memory and written to the catalog in batches.
+"""What a running build reports, collected in memory and written to its record in batches.
 
 A builder may report from any thread and as often as it likes (every line
 of apt's output, a progress fraction per block): calls only append to a
@@ -18,19 +18,25 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any, Protocol
 
-from rain.catalog import Catalog, utcnow
 from rain.model.errors import BuildCancelled
 
 PHASE_CHARS = 32
 
 
-class CatalogProgress:
+class ProgressRecord(Protocol):
+    """Where the reports go (`rain.repo.builds.BuildRecords`)."""
+
+    def report(self, build_id: str, log_text: str, **fields: Any) -> None: ...
+
+
+class BufferedProgress:
     """The build queue's `BuildProgress`: buffers reports, `flush()` writes them."""
 
-    def __init__(self, catalog: Catalog, build_id: str, *, max_log_chars: int,
+    def __init__(self, record: ProgressRecord, build_id: str, *, max_log_chars: int,
                  log_size: int = 0) -> None:
-        self.catalog = catalog
+        self.record = record
         self.build_id = build_id
         self.max_log_chars = max_log_chars
         self.timings: dict[str, float] = {}
@@ -104,8 +110,7 @@ class CatalogProgress:
         if not text and not fields and not due:
             return
         try:
-            self.catalog.update_build(self.build_id, append_log=text, heartbeat=utcnow(),
-                                      **fields)
+            self.record.report(self.build_id, text, **fields)
         except Exception:
             with self._lock:  # try again with the next flush
                 self._log.insert(0, text)

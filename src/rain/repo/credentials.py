@@ -18,10 +18,11 @@ from rain.model.node import check_node_name
 from rain.repo.access import require_admin, require_user
 
 
-class Credentials:
-    """Mixed into `Repository` (which provides what is declared here)."""
+class TokenAdmin:
+    """`Repository.tokens`: what the token routes may do, each call checked."""
 
-    catalog: Catalog
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
 
     def list_tokens(self, viewer: User | None, *, user: str | None = None,
                     node: str | None = None, everyone: bool = False) -> list[ApiToken]:
@@ -52,6 +53,11 @@ class Credentials:
         if not me.is_admin and token.user != me.name:
             raise NotFound(f"no token {token_id}")
         return self.catalog.revoke_token(token_id)
+
+class Credentials:
+    """Mixed into `Repository` (which provides what is declared here)."""
+
+    catalog: Catalog
 
     def node_reader(self, viewer: User | None, ref: str, deployment_id: str | None) -> User | None:
         """Who reads image `ref` for this request: the viewer itself, except for a node

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Protocol
 
 from rain.catalog import Catalog, ImageQuery
 from rain.model import (
-    Build,
     Conflict,
     DiskFormat,
     Forbidden,
@@ -83,7 +82,7 @@ class PurgeAndRebuild:
         self.catalog.drop_variants(image.id)
         return self.catalog.get_image(image.id)
 
-    def purge_candidates(self, viewer: User | None, unused_for: timedelta) -> list[Image]:
+    def _purge_candidates(self, viewer: User | None, unused_for: timedelta) -> list[Image]:
         """Active built images not pulled (or, never pulled, created) for `unused_for`:
         the caller's own, or everyone's for an admin. Protected images are left out."""
         me = require_user(viewer)
@@ -101,9 +100,9 @@ class PurgeAndRebuild:
 
     def purge_unused(self, viewer: User | None, unused_for: timedelta, *,
                      dry_run: bool = False) -> list[Image]:
-        """Purge every candidate (see `purge_candidates`); returns what was (or would be)
+        """Purge every candidate (see `_purge_candidates`); returns what was (or would be)
         purged. An image that changes meanwhile (pulled, protected, deleted) is skipped."""
-        candidates = self.purge_candidates(viewer, unused_for)
+        candidates = self._purge_candidates(viewer, unused_for)
         if dry_run:
             return candidates
         purged = []
@@ -148,7 +147,33 @@ class PurgeAndRebuild:
                            "new image)")
         return image
 
-    def rebuilding(self, image: Image) -> RainError:
+    def rebuild_base(self, viewer: User | None, ref: str) -> Image:
+        """The image a purged image `ref` is rebuilt on: its parent, as it was built the
+        first time (whether or not the viewer may still see it: the owner made it there)."""
+        image = self.purged_for_rebuild(viewer, ref)
+        if image.parent is None:
+            raise InvalidRequest(f"image {image.id} has no parent to rebuild it on")
+        return self.catalog.get_image(image.parent)
+
+    # -- template digests ------------------------------------------------------
+    def image_with_template(self, viewer: User | None, digest: str,
+                            status: ImageStatus = ImageStatus.ACTIVE) -> Image | None:
+        """The image with this template digest the viewer reaches first (own, shared,
+        public): a *template hit*, which a build need not make again."""
+        self._require_read(viewer)
+        return self.catalog.image_with_template(digest, viewer, status)
+
+    def record_template(self, viewer: User | None, ref: str, digest: str, *,
+                        text: str | None = None, parents: list[str] | None = None) -> Image:
+        """Mark an image the viewer built (owner or admin) as made from this template."""
+        image = self.catalog.resolve(ref, require_user(viewer))
+        require_modify(viewer, image, "record the template of")
+        fields: dict[str, object] = {"template_digest": digest}
+        if text is not None:
+            fields.update(template_text=text, template_parents=parents or None)
+        return self.catalog.update_image(image.id, **fields)
+
+    def _rebuilding(self, image: Image) -> RainError:
         """The error a pull of a purged image answers with, having started its rebuild."""
         if self.rebuilder is None:
             return Unsupported(f"image {image.id} was purged and this server cannot rebuild "
@@ -192,20 +217,6 @@ class PurgeAndRebuild:
         active = self.catalog.get_image(image.id)
         self.run_activation_hooks(active)
         return active
-
-    def record_build(self, image_id: str, build: Build) -> Image:
-        """Server side, once a build produced `image_id`: keep its template and timings.
-
-        Refuses an image whose template digest is already a different one.
-        """
-        image = self.catalog.get_image(image_id)
-        if image.template_digest not in (None, build.template_digest):
-            raise Conflict(f"image {image_id} has template digest {image.template_digest}, "
-                           f"not {build.template_digest}")
-        return self.catalog.update_image(
-            image_id, template_digest=build.template_digest, template_text=build.template,
-            template_parents=list(build.template_parents) or None, build_id=build.id,
-            build_timings=dict(build.timings))
 
 
 def feed_file(session: UploadSession, path: Path) -> UploadResult:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,16 +38,25 @@ from rain.repo.access import (
     require_readable_data,
     require_user,
 )
+from rain.repo.builds import BuildRecords
 from rain.repo.config import RepoConfig
-from rain.repo.convert import variant_for
-from rain.repo.credentials import Credentials
+from rain.repo.convert import materialize, variant_for
+from rain.repo.credentials import Credentials, TokenAdmin
 from rain.repo.detect import detect_and_record, forget_detected
 from rain.repo.distribution import ImageDistribution
 from rain.repo.rebuild import PurgeAndRebuild, Rebuilder, feed_file
 from rain.repo.slots import UploadSlots
 from rain.repo.upload import UploadLimits, UploadResult, UploadSession, stream_into_store
 from rain.repo.users import UserAdmin
-from rain.store import ChunkStore, FilesystemBackend, GcReport, ImageManifest, StoreConfig, collect
+from rain.store import (
+    ChunkStore,
+    FilesystemBackend,
+    GcReport,
+    ImageManifest,
+    ImageReader,
+    StoreConfig,
+    collect,
+)
 
 CREATE_FIELDS = {"name", "version", "description", "visibility", "os_distro", "os_release",
                  "arch", "tags", "properties", "packages", "parent", "base", "protected",
@@ -59,14 +68,24 @@ UPDATE_FIELDS = {"name", "version", "description", "visibility", "os_distro", "o
 
 @dataclass
 class Download:
+    """An image the viewer may pull now, in the format asked for; read it through here."""
+
     image: Image
     manifest: ImageManifest
     disk_format: DiskFormat
     sha256: str
     size: int
+    _store: ChunkStore = field(repr=False)
+
+    def reader(self) -> ImageReader:
+        return ImageReader(self._store, self.manifest, image=self.image.id)
+
+    def save(self, path: Path) -> None:
+        """Write it to a sparse local file (zero chunks become holes)."""
+        materialize(self._store, self.manifest, path, self.image.id)
 
 
-class Repository(PurgeAndRebuild, ImageDistribution, Credentials, UserAdmin):
+class Repository(PurgeAndRebuild, ImageDistribution, Credentials):
     def __init__(self, catalog: Catalog, store: ChunkStore, config: RepoConfig,
                  work_dir: Path) -> None:
         self.catalog = catalog
@@ -81,6 +100,9 @@ class Repository(PurgeAndRebuild, ImageDistribution, Credentials, UserAdmin):
         # a torrent) hands it to a thread of its own.
         self.activation_hooks: list[Callable[[Image], None]] = []
         self.upload_slots = UploadSlots(config)  # uploads in progress, per user and in all
+        self.build_records = BuildRecords(self)  # the build queue's side of the repository
+        self.users = UserAdmin(catalog)  # users and groups, for the admin routes
+        self.tokens = TokenAdmin(catalog)
 
     @classmethod
     def open(cls, data_dir: Path, db_url: str, store_config: StoreConfig | None = None,
@@ -94,7 +116,7 @@ class Repository(PurgeAndRebuild, ImageDistribution, Credentials, UserAdmin):
         self.store.close()
 
     @property
-    def tool_limits(self) -> ToolLimits:
+    def _tool_limits(self) -> ToolLimits:
         return ToolLimits(cpu_seconds=self.config.inspect_cpu_seconds,
                           memory_bytes=self.config.inspect_memory_bytes)
 
@@ -242,7 +264,7 @@ class Repository(PurgeAndRebuild, ImageDistribution, Credentials, UserAdmin):
         used, _ = self.catalog.usage_totals(owner.id)
         quota_left = None if owner.quota_bytes is None else max(owner.quota_bytes - used, 0)
         limits = UploadLimits(self.config.max_virtual_size, quota_left, owner.name,
-                              self.tool_limits, max_image_size=self.config.max_image_size)
+                              self._tool_limits, max_image_size=self.config.max_image_size)
         return UploadSession(self.store, declared=declared, limits=limits,
                              spool_dir=self.work_dir, interrupt=interrupt)
 
@@ -296,7 +318,7 @@ class Repository(PurgeAndRebuild, ImageDistribution, Credentials, UserAdmin):
         self._require_read(viewer)
         image = self.catalog.resolve(ref, viewer)
         if image.status == ImageStatus.PURGED:
-            raise self.rebuilding(image)  # 503 with the rebuild's build id
+            raise self._rebuilding(image)  # 503 with the rebuild's build id
         if image.status not in (ImageStatus.ACTIVE, ImageStatus.DEACTIVATED):
             raise Conflict(f"image {image.id} is {image.status} and has no data to pull")
         require_readable_data(viewer, image)
@@ -312,10 +334,11 @@ class Repository(PurgeAndRebuild, ImageDistribution, Credentials, UserAdmin):
         if fmt is None or fmt == image.disk_format or (
                 fmt == DiskFormat.RAW and image.disk_format == DiskFormat.ISO):
             manifest = self.store.get_manifest(manifest_id)
-            return Download(image, manifest, image.disk_format, manifest.sha256, manifest.size)
+            return Download(image, manifest, image.disk_format, manifest.sha256, manifest.size,
+                            self.store)
         variant = variant_for(self.catalog, self.store, image, manifest_id, fmt, self.work_dir)
         manifest = self.store.get_manifest(variant.manifest_id)
-        return Download(image, manifest, fmt, variant.sha256, variant.size)
+        return Download(image, manifest, fmt, variant.sha256, variant.size, self.store)
 
     async def open_download_async(self, viewer: User | None, ref: str,
                                   fmt: DiskFormat | None = None) -> Download:

@@ -15,9 +15,10 @@ from rain.repo.access import require_admin, require_user
 
 
 class UserAdmin:
-    """Mixed into `Repository` (which provides what is declared here)."""
+    """`Repository.users`: what the user and group routes may do, each call checked."""
 
-    catalog: Catalog
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
 
     def list_users(self, viewer: User | None, *, include_deleted: bool = False) -> list[User]:
         require_admin(viewer)
