@@ -8,8 +8,9 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from rain.catalog import Catalog, ImageQuery, Preference, Requirements, utcnow
+from rain.catalog import Catalog, ImageQuery, Preference, Requirements
 from rain.model import Conflict, ImageStatus, InvalidRequest, NotFound, User
+from rain.model.clock import utcnow
 from tests.conftest import fresh_postgres_db
 
 

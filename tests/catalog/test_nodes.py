@@ -15,7 +15,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from rain.catalog import Catalog, utcnow
+from rain.catalog import Catalog
 from rain.catalog.db import MIGRATIONS, make_engine
 from rain.catalog.schema import Base
 from rain.model import (
@@ -26,6 +26,7 @@ from rain.model import (
     NotFound,
     User,
 )
+from rain.model.clock import utcnow
 from tests.conftest import fresh_postgres_db
 
 LEGACY = "11111111-1111-1111-1111-111111111111"

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from rain.catalog import Catalog, ImageQuery, utcnow
+from rain.catalog import Catalog, ImageQuery
 from rain.catalog.db import catalog_exists
 from rain.model import Conflict, ImageStatus, InvalidRequest, NotFound
+from rain.model.clock import utcnow
 from tests.catalog.test_nodes import migrated_to
 from tests.conftest import fresh_postgres_db
 

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from rain.build.config import BuildConfig
 from rain.build.progress import CatalogProgress
 from rain.build.request import BuildRequest, parse_request
-from rain.catalog import is_id_prefix, unique_prefix, utcnow
+from rain.catalog import is_id_prefix, unique_prefix
 from rain.model import (
     Build,
     BuildStatus,
@@ -60,6 +60,7 @@ from rain.model import (
     Unsupported,
     User,
 )
+from rain.model.clock import utcnow
 from rain.model.errors import BuildCancelled
 from rain.repo import Repository
 from rain.repo.access import require_user

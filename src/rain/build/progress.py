@@ -19,7 +19,8 @@ from __future__ import annotations
 import threading
 import time
 
-from rain.catalog import Catalog, utcnow
+from rain.catalog import Catalog
+from rain.model.clock import utcnow
 from rain.model.errors import BuildCancelled
 
 PHASE_CHARS = 32

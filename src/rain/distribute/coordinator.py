@@ -34,7 +34,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from rain.catalog import utcnow
 from rain.distribute.agentclient import AgentClient
 from rain.distribute.auto import choose_method
 from rain.distribute.methods.base import DeploymentJob, NodeTarget, RepoSide, coordinator_method
@@ -50,6 +49,7 @@ from rain.model import (
     TransferMethod,
     User,
 )
+from rain.model.clock import utcnow
 from rain.store import ZERO_DIGEST, ImageManifest
 
 log = logging.getLogger("rain.deploy")

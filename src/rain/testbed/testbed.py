@@ -27,18 +27,18 @@ from types import TracebackType
 from typing import Any
 
 from rain.model.errors import Forbidden, InvalidRequest, NotFound
+from rain.model.units import format_bits_per_second
 from rain.testbed import congestion as tcp
 from rain.testbed import net, network, services, teardown
 from rain.testbed.plan import (
     Host,
     Plan,
+    check_link_delay,
+    check_link_rate,
     check_name,
     check_nodes,
-    format_rate,
     host_link_name,
     make_plan,
-    parse_delay,
-    parse_rate,
     slot_network,
 )
 
@@ -93,9 +93,9 @@ class Testbed:
                  slot: int | None = None, timeout: float = 60.0) -> None:
         self.name = check_name(name)
         self.node_count = check_nodes(nodes)
-        self.rate = parse_rate(rate)
-        self.repo_rate = parse_rate(repo_rate) if repo_rate is not None else self.rate
-        self.latency = parse_delay(latency) if latency else None
+        self.rate = check_link_rate(rate)
+        self.repo_rate = check_link_rate(repo_rate) if repo_rate is not None else self.rate
+        self.latency = check_link_delay(latency) if latency else None
         if not 576 <= mtu <= 65535:
             raise InvalidRequest(f"bad mtu {mtu}: use 576 to 65535 (9000: jumbo frames)")
         self.mtu = mtu
@@ -223,8 +223,8 @@ class Testbed:
             "name": self.name, "url": plan.url, "token": self.token, "slot": plan.slot,
             "network": f"{plan.network}", "host_address": plan.host_address,
             "host_link": plan.host_link, "switch": plan.switch,
-            "rate": format_rate(self.rate), "rate_bps": self.rate,
-            "repo_rate": format_rate(self.repo_rate), "repo_rate_bps": self.repo_rate,
+            "rate": format_bits_per_second(self.rate), "rate_bps": self.rate,
+            "repo_rate": format_bits_per_second(self.repo_rate), "repo_rate_bps": self.repo_rate,
             "latency": f"{self.latency * 1e3:g}ms" if self.latency else None,
             "mtu": self.mtu,
             "congestion": self.congestion.name if self.congestion else self.congestion_request,
