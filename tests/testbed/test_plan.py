@@ -8,7 +8,7 @@ import pytest
 
 from rain.model.errors import InvalidRequest
 from rain.model.units import format_bits_per_second
-from rain.testbed.net import Batch
+from rain.testbed.iproute import Batch
 from rain.testbed.plan import (
     MAX_NODES,
     SPACE,

@@ -29,7 +29,7 @@ from typing import Any
 from rain.model.errors import Forbidden, InvalidRequest, NotFound
 from rain.model.units import format_bits_per_second
 from rain.testbed import congestion as tcp
-from rain.testbed import net, network, services, teardown
+from rain.testbed import iproute, network, services, teardown
 from rain.testbed.plan import (
     Host,
     Plan,
@@ -276,18 +276,18 @@ class Testbed:
     def exec(self, node: str, argv: Sequence[str], *, timeout: float = 60.0,
              check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
         """Run a command in a node's (or "repo"'s) namespace and wait for it."""
-        return net.exec_in(self.node(node).namespace, argv, timeout=timeout, check=check,
+        return iproute.exec_in(self.node(node).namespace, argv, timeout=timeout, check=check,
                            input=input, env=services.child_env(self.env))
 
     def spawn(self, node: str, argv: Sequence[str],
               log: Path | None = None) -> subprocess.Popen[bytes]:
         """Start a background command in a node's namespace (killed by `down` at the latest)."""
-        return net.spawn_in(self.node(node).namespace, argv, log=log,
+        return iproute.spawn_in(self.node(node).namespace, argv, log=log,
                             env=services.child_env(self.env))
 
     def interface_bytes(self, node: str) -> LinkBytes:
         """Bytes received and sent by a node (or "repo") on its link: the ground truth."""
-        rx, tx = net.link_bytes(self.node(node).namespace, Plan.IFACE)
+        rx, tx = iproute.link_bytes(self.node(node).namespace, Plan.IFACE)
         return LinkBytes(rx=rx, tx=tx)
 
     # -- building ---------------------------------------------------------------------
@@ -371,13 +371,14 @@ def _host_dict(host: Host) -> dict[str, str]:
 def inspect(name: str, data_dir: str | Path | None = None) -> dict[str, Any]:
     """What exists of testbed `name`: namespaces with their process counts, link, state."""
     namespaces = teardown.namespaces_of(check_name(name))
-    pids = net.netns_pids(namespaces)
+    pids = iproute.netns_pids(namespaces)
     path = find_data_dir(name, data_dir) / STATE_FILE
     try:
         state: dict[str, Any] | None = json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         state = None
-    return {"name": name, "exists": bool(namespaces) or host_link_name(name) in net.link_names(),
+    host_link = host_link_name(name) in iproute.link_names()
+    return {"name": name, "exists": bool(namespaces) or host_link,
             "namespaces": {ns: len(pids[ns]) for ns in namespaces},
-            "host_link": host_link_name(name) in net.link_names(),
+            "host_link": host_link,
             "state_file": str(path) if state is not None else None, "state": state}
