@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from images import MiB, human, parse_size, table
 
 from rain.client import Client
-from rain.testbed import Testbed, parse_rate
+from rain.testbed import Testbed, check_link_rate
 
 CLK = os.sysconf("SC_CLK_TCK")
 
@@ -106,7 +106,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.size = parse_size(args.size)
-        self.rate = parse_rate(args.rate) / 8  # bytes/s
+        self.rate = check_link_rate(args.rate) / 8  # bytes/s
         self.nodes = sorted(int(n) for n in args.nodes.split(","))
         self.http_nodes = {int(n) for n in args.http_nodes.split(",")} if args.http_nodes \
             else set()

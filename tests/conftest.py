@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.servers import ThreadServer, serve_in_thread
+
 ROOT = Path(__file__).resolve().parent.parent
 RAIN = [sys.executable, "-m", "rain.cli.main"]
 
@@ -156,3 +158,12 @@ def fresh_postgres_db(postgres_url: str, prefix: str = "t") -> str:
         conn.execute(sa.text(f"CREATE DATABASE {name}"))
     engine.dispose()
     return postgres_url.rsplit("/", 1)[0] + "/" + name
+
+
+# -- in-process layer ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def thread_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServer]:
+    """The repository service served by a thread of this process (tests/support/servers.py):
+    for client and CLI tests that need HTTP but not a `rain serve` process."""
+    with serve_in_thread(tmp_path_factory.mktemp("rain-thread-server")) as s:
+        yield s

@@ -13,8 +13,8 @@ import pytest
 
 from rain.client import Client
 from rain.repo import Repository
-from tests.api.test_repository import make_raw
 from tests.conftest import Server, start_server, stop_server
+from tests.support.images import make_raw
 
 pytestmark = pytest.mark.integration
 

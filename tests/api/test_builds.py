@@ -30,17 +30,11 @@ from rain.model.errors import (
     RainError,
 )
 from rain.repo import Repository
-from tests.api.test_repository import make_raw, sha256
-from tests.conftest import ROOT, Server, run_cli, start_server, stop_server
+from tests.conftest import Server, run_cli, start_server, stop_server
+from tests.support.builds import DOUBLE, template
+from tests.support.images import make_raw, sha256
 
 pytestmark = pytest.mark.integration
-# This checkout's sources first: the server must run the code under test, not an
-# installed copy (and it imports the test double from tests/).
-DOUBLE = {"RAIN_BUILD__RUNNER": "tests.build.doubles:make_runner",
-          "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
-          "RAIN_BUILD__POLL_SECONDS": "0.2"}
-
-
 def start_build_server(data_dir: Path, *args: str) -> Server:
     return start_server(data_dir, extra_env=DOUBLE, args=args)
 
@@ -59,14 +53,6 @@ def tokens(server: Server) -> dict[str, str]:
     admin = Client(server.url, server.token)
     return {"admin": server.token,
             **{n: admin.create_user(n)["token"] for n in ("alice", "bob", "carol")}}
-
-
-def template(name: str, *run: str, base: str = "debian/12") -> str:
-    lines = [f"name: {name}", f"from: {base}", "packages: [nginx, curl]",
-             f"files: {{/etc/rain-test: {name}}}"]
-    if run:
-        lines.append("run: [" + ", ".join(f'"{r}"' for r in run) + "]")
-    return "\n".join(lines) + "\n"
 
 
 def build(c: Client, text: str) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.test_repository import make_raw
 from tests.conftest import RAIN, Server, free_port, run_cli
+from tests.support.images import make_raw
 
 pytestmark = pytest.mark.integration
 

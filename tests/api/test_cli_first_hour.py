@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from rain import __version__
-from tests.api.test_repository import make_raw, qemu_img
 from tests.conftest import RAIN, ROOT, Server, free_port, run_cli, start_server, stop_server
+from tests.support.images import make_raw, qemu_img
 
 pytestmark = pytest.mark.integration
 GiB = 1024**3

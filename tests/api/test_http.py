@@ -11,8 +11,8 @@ import pytest
 
 from rain.client import Client
 from rain.model.errors import InvalidImage
-from tests.api.test_repository import make_raw, sha256
 from tests.conftest import Server, start_server, stop_server
+from tests.support.images import make_raw, sha256
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from rain.client import Client
-from tests.api.test_repository import make_raw
 from tests.conftest import Server, run_cli
+from tests.support.images import make_raw
 
 pytestmark = pytest.mark.integration
 

@@ -17,9 +17,9 @@ from rain.deploy.records import DeploymentRecords
 from rain.model import DeploymentStatus
 from rain.model.errors import Forbidden
 from rain.repo import Repository
-from tests.api.test_nodes import report
-from tests.api.test_repository import make_raw
 from tests.conftest import Server
+from tests.support.images import make_raw
+from tests.support.nodes import report
 
 pytestmark = pytest.mark.integration
 

@@ -34,19 +34,11 @@ from rain.model.errors import (
 )
 from rain.repo import RepoConfig, Repository
 from rain.store.manifest import ZERO_DIGEST
-from tests.api.test_repository import make_raw
 from tests.conftest import Server, start_server, stop_server
+from tests.support.images import make_raw
+from tests.support.nodes import KEY, report
 
 pytestmark = pytest.mark.integration
-KEY = "agent-key-0123456789abcdef"
-
-
-def report(name: str = "n1", **kw: Any) -> dict[str, Any]:
-    return {"name": name, "address": "http://198.18.0.11:8481", "agent_key": KEY,
-            "capacity_instances": 8, "running_instances": 0, "cache_capacity": 10 << 30,
-            "cache_used": 0, "cached": [], "in_flight": [], "version": "0.1.0", **kw}
-
-
 def chunk_digests(path: Path, chunk_size: int) -> list[bytes]:
     out = []
     with open(path, "rb") as f:

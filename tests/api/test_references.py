@@ -16,8 +16,8 @@ from rain.deploy.records import DeploymentRecords
 from rain.model import BuildStatus
 from rain.model.errors import AmbiguousReference, NotFound
 from rain.repo import Repository
-from tests.api.test_repository import make_raw, sha256
 from tests.conftest import Server, run_cli
+from tests.support.images import make_raw, sha256
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import socket
 import sqlite3
 import subprocess
@@ -30,29 +29,10 @@ from rain.model.errors import (
     Unauthorized,
 )
 from tests.conftest import Server, run_cli
+from tests.support.images import make_raw, qemu_img, sha256
 
 pytestmark = pytest.mark.integration
 MiB = 1024 * 1024
-
-
-def make_raw(path: Path, size: int = 8 * MiB, seed: int = 1, data_fraction: float = 0.25) -> Path:
-    """A raw disk image: random data in the first part, zeros after it."""
-    with open(path, "wb") as f:
-        f.write(random.Random(seed).randbytes(int(size * data_fraction)))
-        f.truncate(size)
-    return path
-
-
-def qemu_img(*args: str) -> None:
-    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(MiB):
-            h.update(b)
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from rain.client import Client
 from rain.deploy.records import DeploymentRecords
 from rain.model import InstanceStatus
 from rain.repo import Repository
-from tests.api.test_repository import make_raw
 from tests.conftest import Server, run_cli
+from tests.support.images import make_raw
 
 pytestmark = pytest.mark.integration
 

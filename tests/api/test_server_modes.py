@@ -9,8 +9,8 @@ import pytest
 
 from rain.client import Client
 from rain.model.errors import NotFound
-from tests.api.test_repository import make_raw, sha256
 from tests.conftest import fresh_postgres_db, start_server, stop_server
+from tests.support.images import make_raw, sha256
 
 pytestmark = pytest.mark.integration
 

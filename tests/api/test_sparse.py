@@ -24,8 +24,8 @@ from rain.client import Client
 from rain.client.sparse import SEGMENT, runs, scan
 from rain.model import Conflict, InvalidImage
 from rain.model.sparse import DIGESTS, MEDIA_TYPE, SparseHeader, bitmap
-from tests.api.test_repository import sha256
 from tests.conftest import Server
+from tests.support.images import sha256
 
 pytestmark = pytest.mark.integration
 MiB = 1024 * 1024

@@ -13,8 +13,8 @@ import pytest
 
 from rain.client import Client
 from rain.model.errors import Conflict, Forbidden, NotFound, Unauthorized
-from tests.api.test_repository import make_raw
 from tests.conftest import Server, run_cli
+from tests.support.images import make_raw
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,6 @@ import pytest
 
 from rain.build.config import BuildConfig
 from rain.build.jobs import BuildQueue
-from rain.catalog import utcnow
 from rain.catalog.search import ImageQuery
 from rain.model import (
     Build,
@@ -33,6 +32,7 @@ from rain.model import (
     Unsupported,
     User,
 )
+from rain.model.clock import utcnow
 from rain.repo import Repository
 from rain.store import ImageReader
 from tests.build.doubles import IMAGE_SIZE, RecordingRunner

@@ -12,7 +12,6 @@ from rain.build.template import (
     Template,
     canonical,
     load_template,
-    parse_size,
     parse_template,
     template_digest,
 )
@@ -234,25 +233,6 @@ def test_packages_versions_and_conflicts() -> None:
 def test_service_both_enabled_and_disabled() -> None:
     with pytest.raises(InvalidRequest, match="service 'ssh' is both enabled and disabled"):
         parse_template("name: a\nfrom: debian/12\nservices: {enable: [ssh], disable: [ssh]}\n")
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("4G", 4 * GIB),
-        ("512M", 512 * 1024**2),
-        ("10GiB", 10 * GIB),
-        ("1.5g", 3 * GIB // 2),
-        ("2T", 2 * 1024**4),
-        ("1073741824", GIB),
-        ("4 GB", 4 * GIB),
-        ("four", None),
-        ("4X", None),
-        ("-4G", None),
-    ],
-)
-def test_parse_size(text: str, expected: int | None) -> None:
-    assert parse_size(text) == expected
 
 
 def test_size_bounds_are_inclusive() -> None:

@@ -12,9 +12,10 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.script import ScriptDirectory
 
-from rain.catalog import Catalog, utcnow
+from rain.catalog import Catalog
 from rain.catalog.db import MIGRATIONS, make_engine
 from rain.model import BuildStatus, ImageStatus, NotFound
+from rain.model.clock import utcnow
 from tests.conftest import fresh_postgres_db
 
 

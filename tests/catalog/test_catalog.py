@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
 
-from rain.catalog import Catalog, ImageQuery, Preference, Requirements, utcnow
+from rain.catalog import Catalog, ImageQuery, Preference, Requirements
 from rain.model import Conflict, ImageStatus, InvalidRequest, NotFound, User
-from tests.conftest import fresh_postgres_db
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def catalog(request: pytest.FixtureRequest, tmp_path) -> Iterator[Catalog]:  # type: ignore[no-untyped-def]
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'c.db'}"
-    else:
-        url = fresh_postgres_db(request.getfixturevalue("postgres_url"))
-    c = Catalog(url)
-    yield c
-    c.close()
-
-
-def active(c: Catalog, owner: User, name: str, **kw) -> str:  # type: ignore[no-untyped-def]
-    kw.setdefault("size", 1000)
-    image = c.create_image(owner, name=name, status="active", **kw)
-    return image.id
+from rain.model.clock import utcnow
+from tests.support.catalogs import active
 
 
 def test_tokens_are_hashed_and_resolve_to_users(catalog: Catalog) -> None:

@@ -9,14 +9,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from alembic import command
 from alembic.autogenerate import compare_metadata
-from alembic.config import Config as AlembicConfig
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from rain.catalog import Catalog, utcnow
-from rain.catalog.db import MIGRATIONS, make_engine
+from rain.catalog import Catalog
 from rain.catalog.schema import Base
 from rain.model import (
     Conflict,
@@ -26,7 +23,9 @@ from rain.model import (
     NotFound,
     User,
 )
+from rain.model.clock import utcnow
 from tests.conftest import fresh_postgres_db
+from tests.support.catalogs import migrated_to
 
 LEGACY = "11111111-1111-1111-1111-111111111111"
 
@@ -53,17 +52,6 @@ def report(**kw: object) -> dict[str, object]:
 
 def image(catalog: Catalog, owner: User, name: str = "web") -> str:
     return catalog.create_image(owner, name=name, status=str(ImageStatus.ACTIVE)).id
-
-
-def migrated_to(url: str, revision: str) -> tuple[sa.Engine, AlembicConfig]:
-    """A database at an old revision, to check what the next migrations do to its rows."""
-    engine = make_engine(url)
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
-    return engine, cfg
 
 
 def test_0003_upgrades_a_0002_database(url: str) -> None:

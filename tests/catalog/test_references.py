@@ -8,10 +8,7 @@ import sqlalchemy as sa
 
 from rain.catalog import Catalog, is_id_prefix
 from rain.model import AmbiguousReference, ImageStatus, NotFound, User
-from tests.catalog import test_catalog
-from tests.catalog.test_catalog import active
-
-catalog = test_catalog.catalog  # the SQLite / PostgreSQL fixture
+from tests.support.catalogs import active
 
 
 @pytest.fixture

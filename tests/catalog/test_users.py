@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from rain.catalog import Catalog, ImageQuery, utcnow
+from rain.catalog import Catalog, ImageQuery
 from rain.catalog.db import catalog_exists
 from rain.model import Conflict, ImageStatus, InvalidRequest, NotFound
-from tests.catalog.test_nodes import migrated_to
+from rain.model.clock import utcnow
 from tests.conftest import fresh_postgres_db
+from tests.support.catalogs import migrated_to
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

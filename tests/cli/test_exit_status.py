@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from rain.client import Client
-from tests.api.test_builds import DOUBLE, template
-from tests.api.test_repository import make_raw
 from tests.conftest import Server, free_port, run_cli, start_server, stop_server
+from tests.support.builds import DOUBLE, template
+from tests.support.images import make_raw
 
 NOWHERE = {**os.environ, "RAIN_URL": f"http://127.0.0.1:{free_port()}", "RAIN_TOKEN": "x"}
 

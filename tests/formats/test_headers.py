@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from rain.formats import inspect_header
-from rain.formats.headers import ImageBytes, check_vmdk_descriptor, human_size
+from rain.formats.headers import ImageBytes, check_vmdk_descriptor
 from rain.model import DiskFormat
 from rain.model.errors import InvalidImage
 
@@ -306,14 +306,6 @@ def test_image_bytes_defers_what_has_not_arrived() -> None:
     assert view.get(1, 2) == b"bc"
     assert view.get(50, 4) is None
     assert ImageBytes(b"abcd", 4).get(2, 10) == b"cd"  # complete: short read at EOF
-
-
-@pytest.mark.parametrize(
-    ("n", "text"),
-    [(512, "512 B"), (1536, "1.5 KiB"), (2 * TiB, "2.0 TiB"), ((1 << 64) - 1, "16.0 EiB")],
-)
-def test_human_size(n: int, text: str) -> None:
-    assert human_size(n) == text
 
 
 def test_absurd_offsets_read_as_nothing() -> None:

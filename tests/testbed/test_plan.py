@@ -7,18 +7,18 @@ import ipaddress
 import pytest
 
 from rain.model.errors import InvalidRequest
-from rain.testbed.net import Batch
+from rain.model.units import format_bits_per_second
+from rain.testbed.iproute import Batch
 from rain.testbed.plan import (
     MAX_NODES,
     SPACE,
     Shaping,
+    check_link_delay,
+    check_link_rate,
     check_name,
     fair_buckets,
-    format_rate,
     make_plan,
     node_names,
-    parse_delay,
-    parse_rate,
 )
 
 
@@ -28,31 +28,31 @@ from rain.testbed.plan import (
     ("1mibit", 1 << 20), (" 100mbit ", 100_000_000), (64_000, 64_000),
 ])
 def test_rates_parse_like_tc(text: str | int, bits: int) -> None:
-    assert parse_rate(text) == bits
+    assert check_link_rate(text) == bits
 
 
 @pytest.mark.parametrize("text", ["", "fast", "50mbps", "50 mb", "-5mbit", "1kbit",
                                   "200gbit", "mbit", "5mbit/s"])
 def test_bad_rates_are_one_line_errors(text: str) -> None:
     with pytest.raises(InvalidRequest) as info:
-        parse_rate(text)
+        check_link_rate(text)
     assert "\n" not in str(info.value) and "rate" in str(info.value)
 
 
 def test_rates_format_back() -> None:
-    assert format_rate(50_000_000) == "50mbit"
-    assert format_rate(1_000_000_000) == "1gbit"
-    assert format_rate(800_000) == "800kbit"
-    assert parse_rate(format_rate(1_500_000_000)) == 1_500_000_000
+    assert format_bits_per_second(50_000_000) == "50mbit"
+    assert format_bits_per_second(1_000_000_000) == "1gbit"
+    assert format_bits_per_second(800_000) == "800kbit"
+    assert check_link_rate(format_bits_per_second(1_500_000_000)) == 1_500_000_000
 
 
 def test_delays() -> None:
-    assert parse_delay("5ms") == pytest.approx(0.005)
-    assert parse_delay("200us") == pytest.approx(0.0002)
-    assert parse_delay("0.1s") == pytest.approx(0.1)
+    assert check_link_delay("5ms") == pytest.approx(0.005)
+    assert check_link_delay("200us") == pytest.approx(0.0002)
+    assert check_link_delay("0.1s") == pytest.approx(0.1)
     for bad in ("5", "fast", "0ms", "20s"):
         with pytest.raises(InvalidRequest):
-            parse_delay(bad)
+            check_link_delay(bad)
 
 
 @pytest.mark.parametrize("name", ["", "Tb", "1tb", "tb-2", "tb_2", "abcdefghijk", "a b"])

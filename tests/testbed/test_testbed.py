@@ -15,7 +15,7 @@ import pytest
 
 from rain.model.errors import Conflict, InvalidRequest, Unsupported
 from rain.testbed import Testbed
-from rain.testbed.net import tc_json
+from rain.testbed.iproute import tc_json
 from rain.testbed.probe import measure_tcp
 from tests.testbed.conftest import alive, leftovers, needs_root
 

@@ -6,7 +6,18 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from rain import __version__
-from rain.api import builds, deployments, errors, images, misc, nodes, tracker, users
+from rain.api import (
+    builds,
+    deployments,
+    errors,
+    images,
+    match,
+    nodes,
+    service,
+    tracker,
+    usage,
+    users,
+)
 from rain.build.jobs import BuildQueue
 from rain.deploy.config import DistributeConfig
 from rain.deploy.coordinator import Coordinator
@@ -48,8 +59,10 @@ def create_app(repository: Repository, build_queue: BuildQueue | None = None,
     errors.install(app)
     app.include_router(builds.router)
     app.include_router(images.router)
-    app.include_router(misc.router)
-    app.include_router(users.router)  # after misc: /v1/users/me before /v1/users/{name}
+    app.include_router(service.router)
+    app.include_router(match.router)
+    app.include_router(usage.router)
+    app.include_router(users.router)
     app.include_router(nodes.router)
     app.include_router(deployments.router)
     app.include_router(tracker.router)

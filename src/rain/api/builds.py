@@ -10,10 +10,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from rain.api.deps import repo, viewer
-from rain.api.images import parse_duration
 from rain.build.jobs import BuildQueue
 from rain.build.template import parse_template
 from rain.model import Build, Image, ImageStatus, InvalidRequest, RainError, User
+from rain.model.units import parse_duration
 from rain.repo import Repository
 
 router = APIRouter(prefix="/v1")

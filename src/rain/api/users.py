@@ -1,5 +1,5 @@
-"""`/v1/users`, `/v1/groups`, `/v1/tokens`: administration (`/v1/users/me` and creating
-users are in rain.api.misc). Token secrets appear only in the answer that creates them."""
+"""`/v1/users`, `/v1/groups`, `/v1/tokens`: who one is, and administration. Token secrets
+appear only in the answer that creates them."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 
 from rain.api.deps import repo, viewer
 from rain.model import ApiToken, InvalidRequest, User
+from rain.repo import Repository
+from rain.repo.access import require_user
 from rain.repo.credentials import TokenAdmin
 from rain.repo.users import UserAdmin
 
@@ -22,6 +24,7 @@ def tokens(request: Request) -> TokenAdmin:
 
 
 router = APIRouter(prefix="/v1")
+Repo = Annotated[Repository, Depends(repo)]
 Users = Annotated[UserAdmin, Depends(users)]
 Tokens = Annotated[TokenAdmin, Depends(tokens)]
 Viewer = Annotated[User | None, Depends(viewer)]
@@ -37,6 +40,24 @@ def _fields(body: dict[str, Any], known: set[str]) -> dict[str, Any]:
 
 
 # -- users ---------------------------------------------------------------------------
+@router.get("/users/me", tags=["users"])
+def whoami(user: Viewer) -> dict[str, Any]:
+    me = require_user(user)
+    return {"name": me.name, "admin": me.is_admin, "groups": me.groups,
+            "quota_bytes": me.quota_bytes, "quota_images": me.quota_images}
+
+
+@router.post("/users", status_code=201, tags=["users"])
+def create_user(r: Repo, user: Viewer, body: Object) -> dict[str, Any]:
+    """Admin only. Returns the new user's token, the only time it is shown."""
+    created, token = r.create_user(
+        user, str(body.get("name", "")), admin=bool(body.get("admin", False)),
+        groups=[str(g) for g in body.get("groups", [])],
+        quota_bytes=body.get("quota_bytes"), quota_images=body.get("quota_images"))
+    return {"name": created.name, "admin": created.is_admin, "groups": created.groups,
+            "token": token}
+
+
 @router.get("/users", tags=["users"])
 def list_users(r: Users, user: Viewer,
                include_deleted: Annotated[bool, Query(alias="all")] = False) -> dict[str, Any]:

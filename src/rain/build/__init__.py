@@ -7,7 +7,6 @@ from rain.build.template import (
     Template,
     canonical,
     load_template,
-    parse_size,
     parse_template,
     template_digest,
 )
@@ -18,7 +17,6 @@ __all__ = [
     "Template",
     "canonical",
     "load_template",
-    "parse_size",
     "parse_template",
     "template_digest",
 ]

@@ -18,7 +18,6 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +25,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from rain.model.errors import InvalidRequest
+from rain.model.units import parse_size
 from rain.repo.metadata import check_name, check_version
 
 TEMPLATE_KEYS: tuple[str, ...] = (
@@ -74,8 +74,6 @@ _PACKAGE_VERSION_RE = re.compile(r"^[0-9][A-Za-z0-9.+~:-]*$")
 _SERVICE_RE = re.compile(r"^[A-Za-z0-9@._:\\-]+$")
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _IMAGE_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT])?(?:i?B)?$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _FORBIDDEN_ROOTS = ("proc", "sys", "dev")
 
 
@@ -350,28 +348,14 @@ class _Parser:
         value = self.value(node)
         if isinstance(value, bool) or not isinstance(node, ScalarNode):
             raise self.fail(node, "'size' must be a size such as 4G, 512M or 10GiB")
-        size = value if isinstance(value, int) else parse_size(str(value))
-        if size is None:
-            raise self.fail(node, f"cannot parse size '{value}' (e.g. 4G, 512M, 10GiB)")
+        try:
+            size = value if isinstance(value, int) else parse_size(str(value))
+        except InvalidRequest:
+            raise self.fail(node, f"cannot parse size '{value}' (e.g. 4G, 512M, 10GiB)"
+                            ) from None
         if not MIN_SIZE <= size <= MAX_SIZE:
             raise self.fail(node, f"size {size} bytes is out of range (1 GiB to 2 TiB)")
         return size
-
-
-def parse_size(text: str) -> int | None:
-    """Bytes in a size such as "4G", "512M", "10GiB" or "1.5T"; None if unparsable.
-
-    Units are binary whatever their spelling (as for qemu-img): G = GiB.
-    """
-    match = _SIZE_RE.match(text.strip())
-    if match is None:
-        return None
-    try:
-        number = Decimal(match.group(1))
-    except InvalidOperation:
-        return None
-    unit = _SIZE_UNITS[(match.group(2) or "").upper()]
-    return int((number * unit).to_integral_value(rounding=ROUND_CEILING))
 
 
 def parse_template(

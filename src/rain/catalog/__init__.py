@@ -4,7 +4,7 @@ deployments, instances and torrents; search and matchmaking."""
 from __future__ import annotations
 
 from rain.catalog.builds import BuildCatalog
-from rain.catalog.db import Database, utcnow
+from rain.catalog.db import Database
 from rain.catalog.deployments import DeploymentCatalog
 from rain.catalog.images import ImageCatalog, Variant
 from rain.catalog.match import Match, MatchCatalog, MatchReport, Preference, Requirements
@@ -41,5 +41,4 @@ __all__ = [
     "compare_versions",
     "is_id_prefix",
     "unique_prefix",
-    "utcnow",
 ]

@@ -19,10 +19,11 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from rain.catalog.db import Database, as_utc, utcnow
+from rain.catalog.db import Database, as_utc
 from rain.catalog.references import ids_with_prefix
 from rain.catalog.schema import BuildRow, UserRow
 from rain.model import Build, BuildStatus, NotFound, User
+from rain.model.clock import utcnow
 
 ACTIVE = [str(BuildStatus.QUEUED), str(BuildStatus.RUNNING)]
 

@@ -24,10 +24,6 @@ from rain.model.errors import RainError
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 def as_utc(value: datetime | None) -> datetime | None:
     """SQLite returns naive datetimes; everything rain stores is UTC."""
     if value is None:

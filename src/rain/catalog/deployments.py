@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from rain.catalog.db import Database, as_utc, utcnow
+from rain.catalog.db import Database, as_utc
 from rain.catalog.references import ids_with_prefix
 from rain.catalog.schema import DeploymentRow, ImageRow, InstanceRow
 from rain.model import (
@@ -29,6 +29,7 @@ from rain.model import (
     NotFound,
     User,
 )
+from rain.model.clock import utcnow
 
 
 def deployment_model(row: DeploymentRow) -> Deployment:

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from rain.catalog.db import Database, as_utc, utcnow
+from rain.catalog.db import Database, as_utc
 from rain.catalog.schema import (
     GroupRow,
     ImageRow,
@@ -32,6 +32,7 @@ from rain.model import (
     User,
     Visibility,
 )
+from rain.model.clock import utcnow
 
 # Fields a caller may set directly on the image row (the rest have their own methods).
 ROW_FIELDS = {

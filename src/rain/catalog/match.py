@@ -17,6 +17,7 @@ from typing import Any
 from rain.catalog.search import ImageQuery, SearchCatalog
 from rain.catalog.versions import VersionConstraint
 from rain.model import Image, InvalidRequest, User
+from rain.model.units import format_bytes_exact
 
 NUMERIC_PREFS = {"newest", "popular", "smallest"}
 # One requirement in the elimination count: its label, then the query and the
@@ -178,7 +179,7 @@ class MatchCatalog(SearchCatalog):
             steps.append((f"arch {req.arch}", q, release))
         if req.min_disk is not None:
             q = replace(q, min_virtual_size=req.min_disk)
-            steps.append((f"min_disk {_size_label(req.min_disk)}", q, release))
+            steps.append((f"min_disk {format_bytes_exact(req.min_disk)}", q, release))
         for tag in req.tags:
             q = replace(q, tags=[*q.tags, tag])
             steps.append((f"tag {tag}", q, release))
@@ -205,10 +206,3 @@ def _release_test(text: str | None) -> Callable[[Image], bool]:
         return _any_release
     c = VersionConstraint.parse("release" + (text if text[:1] in "<>=!" else f"=={text}"))
     return lambda i: bool(i.os_release) and c.satisfied_by(i.os_release)
-
-
-def _size_label(n: int) -> str:
-    for unit, factor in (("T", 1024**4), ("G", 1024**3), ("M", 1024**2), ("K", 1024)):
-        if n >= factor and n % factor == 0:
-            return f"{n // factor}{unit}"
-    return f"{n} bytes"

@@ -13,9 +13,10 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from rain.catalog.db import Database, as_utc, utcnow
+from rain.catalog.db import Database, as_utc
 from rain.catalog.schema import NodeRow
 from rain.model import Node, NotFound
+from rain.model.clock import utcnow
 
 # The fields of a report, with the value a registration without them gets.
 REPORT_DEFAULTS: dict[str, Any] = {

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, exists, false, func, or_, select, true
 from sqlalchemy.sql import Select
 
-from rain.catalog.db import Database, utcnow
+from rain.catalog.db import Database
 from rain.catalog.images import image_model
 from rain.catalog.schema import (
     GroupRow,
@@ -26,6 +26,7 @@ from rain.catalog.schema import (
 )
 from rain.catalog.versions import VersionConstraint
 from rain.model import Image, ImageStatus, InvalidRequest, User
+from rain.model.clock import utcnow
 
 SORT_FIELDS = {
     "name": ImageRow.name, "created": ImageRow.created, "updated": ImageRow.updated,

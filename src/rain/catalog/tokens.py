@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from rain.catalog.db import Database, as_utc, utcnow
+from rain.catalog.db import Database, as_utc
 from rain.catalog.schema import TokenRow, UserRow
 from rain.catalog.users import check_name, user_model
 from rain.model import ApiToken, InvalidRequest, NotFound, User
+from rain.model.clock import utcnow
 
 TOKEN_PREFIX = "rain_"
 LAST_USED_EVERY = timedelta(seconds=60)

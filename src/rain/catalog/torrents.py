@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy import delete
 
-from rain.catalog.db import Database, utcnow
+from rain.catalog.db import Database
 from rain.catalog.schema import TorrentRow
+from rain.model.clock import utcnow
 
 
 class TorrentCatalog:

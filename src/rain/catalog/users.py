@@ -12,7 +12,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from rain.catalog.db import Database, as_utc, utcnow
+from rain.catalog.db import Database, as_utc
 from rain.catalog.schema import (
     BuildRow,
     GroupMemberRow,
@@ -31,6 +31,7 @@ from rain.model import (
     NotFound,
     User,
 )
+from rain.model.clock import utcnow
 from rain.model.units import plural
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")

@@ -14,9 +14,9 @@ from rich.table import Table
 from rain.cli import values
 from rain.cli.errors import WrongUsage
 from rain.cli.options import Json, Token, Url, client
-from rain.cli.output import err, human, out, print_json
+from rain.cli.output import err, out, print_json
 from rain.model.errors import RainError
-from rain.model.units import parse_rate, parse_size, plural
+from rain.model.units import format_bytes, parse_rate_bytes_per_second, parse_size, plural
 
 instance_app = typer.Typer(no_args_is_help=True, help="Instance disks on nodes.")
 
@@ -42,7 +42,7 @@ def nodes(url: Url = None, token: Token = None, json: Json = False) -> None:
     for n in found:
         table.add_row(n["name"], n["address"], "yes" if n.get("up") else "NO",
                       f"{n['running_instances']}/{n['capacity_instances']}",
-                      f"{human(n['cache_used'])} of {human(n['cache_capacity'])}",
+                      f"{format_bytes(n['cache_used'])} of {format_bytes(n['cache_capacity'])}",
                       str(len(n.get("cached") or [])), str(len(n.get("in_flight") or [])),
                       (n.get("last_heartbeat") or "")[:19].replace("T", " "))
     out.print(table)
@@ -187,7 +187,7 @@ def _options(**given: Any) -> dict[str, Any]:
         if value is None or value is False:
             continue
         if key in ("rate", "max_rate"):
-            opts[key] = parse_rate(str(value))
+            opts[key] = parse_rate_bytes_per_second(str(value))
         elif key in ("size", "ephemeral_size"):
             opts[key] = parse_size(str(value))
         else:
@@ -267,16 +267,16 @@ def _report(d: dict[str, Any]) -> None:
             note = (note + "; " if note else "") + f"dropped {plural(len(n['dropped']), 'source')}"
         table.add_row(name, n["state"], n.get("source") or "", _secs(n.get("fetched_s")),
                       _secs(n.get("ready_s")), str(len(n.get("instances") or [])),
-                      human(n.get("repo_bytes")), human(n.get("peer_bytes")),
-                      human(n.get("sent_bytes")), note)
+                      format_bytes(n.get("repo_bytes")), format_bytes(n.get("peer_bytes")),
+                      format_bytes(n.get("sent_bytes")), note)
     out.print(table)
     what = "prefetch" if d.get("prefetch") else plural(r.get("instances_ready", 0), "instance")
     out.print(f"{d['status']}: {what} on {plural(len(r.get('per_node') or {}), 'node')}, "
               f"makespan {_secs(r.get('makespan_s'))} (first ready "
               f"{_secs(r.get('first_ready_s'))}), method {r.get('method') or d['method']}"
               f" ({r.get('method_reason') or ''}){_placed(r.get('placement'))}; repository "
-              f"sent {human(r.get('repo_bytes_sent'))}, nodes sent each other "
-              f"{human(r.get('peer_bytes_sent'))}", markup=False, highlight=False)
+              f"sent {format_bytes(r.get('repo_bytes_sent'))}, nodes sent each other "
+              f"{format_bytes(r.get('peer_bytes_sent'))}", markup=False, highlight=False)
 
 
 def _placed(placement: dict[str, Any] | None) -> str:

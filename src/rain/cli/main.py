@@ -20,7 +20,6 @@ from rain.cli.options import DataDir, Db, Json, Token, Url, client
 from rain.cli.output import (
     err,
     gc_held,
-    human,
     image_detail,
     image_table,
     out,
@@ -30,7 +29,7 @@ from rain.cli.output import (
 from rain.client import Client
 from rain.client.client import image_file_size
 from rain.model.errors import ImageRebuilding, RainError
-from rain.model.units import plural
+from rain.model.units import format_bytes, plural
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="rain: build, store, share and deploy virtual machine images.")
@@ -162,11 +161,12 @@ def gc(data_dir: DataDir = None, db: Db = None,
     if json:
         print_json(report)
     else:
-        out.print(f"deleted {report['chunks_deleted']} chunks ({human(report['bytes_freed'])}), "
+        out.print(f"deleted {report['chunks_deleted']} chunks "
+                  f"({format_bytes(report['bytes_freed'])}), "
                   f"{report['manifests_deleted']} manifests, {report.get('packs_deleted', 0)} "
                   f"packs; repacked {report.get('packs_repacked', 0)} packs "
-                  f"({human(report.get('bytes_repacked', 0))}); kept {report['chunks_kept']} "
-                  "chunks that images use")
+                  f"({format_bytes(report.get('bytes_repacked', 0))}); "
+                  f"kept {report['chunks_kept']} chunks that images use")
         if report.get("held_until"):
             out.print(gc_held(report), markup=False, highlight=False)
 
@@ -226,7 +226,7 @@ def pull(image: str, output: Annotated[Path | None, typer.Option("-o", "--output
     if json:
         print_json(result)
     else:
-        err.print(f"{dest}: {human(result['size'])}, sha256 {result['sha256']} verified")
+        err.print(f"{dest}: {format_bytes(result['size'])}, sha256 {result['sha256']} verified")
 
 
 def _rebuild_before_pull(c: Client, info: dict[str, Any]) -> None:
@@ -439,9 +439,10 @@ def usage(image: Annotated[str | None, typer.Argument()] = None,
     for col in ("WHEN", "IMAGE", "USER", "ACTION", "BYTES"):
         table.add_column(col)
     for u in result["usage"]:
-        table.add_row(u["at"][:19], u["image_name"], u["user"], u["action"], human(u["bytes"]))
+        table.add_row(u["at"][:19], u["image_name"], u["user"], u["action"],
+                      format_bytes(u["bytes"]))
     out.print(table)
-    out.print(f"{plural(result['pulls'], 'pull')}, {human(result['bytes'])}")
+    out.print(f"{plural(result['pulls'], 'pull')}, {format_bytes(result['bytes'])}")
 
 
 @app.command()

@@ -13,28 +13,18 @@ from rich.console import Console
 from rich.table import Table
 
 from rain.cli.transferbar import TransferBar
+from rain.model.units import format_bytes
 
 # Piped output is not cut to 80 columns: scripts and `grep` see whole rows.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 250)
 err = Console(stderr=True, soft_wrap=True)
 
 
-def human(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(n)
-
-
 def gc_held(report: dict[str, Any]) -> str:
     """What only gc's grace period kept, until when, and how to free it now."""
     until = datetime.fromisoformat(report["held_until"]).astimezone()
     hours = float(report.get("grace_seconds") or 0) / 3600
-    return (f"held for the grace period ({hours:g} h): {human(report.get('bytes_held'))} in "
+    return (f"held for the grace period ({hours:g} h): {format_bytes(report.get('bytes_held'))} in "
             f"{report.get('chunks_held', 0)} chunks no image uses (deleted images, unfinished "
             f"uploads), until {until:%Y-%m-%d %H:%M %Z}; `rain gc --grace 0` frees them now "
             "(only while no upload runs)")
@@ -53,8 +43,9 @@ def image_table(images: list[dict[str, Any]], total: int | None = None) -> None:
         os_name = " ".join(x for x in (i.get("os_distro"), i.get("os_release")) if x)
         table.add_row(i["id"][:8], i["name"], i.get("version") or "", os_name,
                       i.get("arch") or "", i.get("disk_format") or "",
-                      human(i.get("virtual_size") or i.get("size")), human(i.get("size")),
-                      human(i.get("stored_bytes")), i["visibility"], i["status"], i["owner"])
+                      format_bytes(i.get("virtual_size") or i.get("size")),
+                      format_bytes(i.get("size")), format_bytes(i.get("stored_bytes")),
+                      i["visibility"], i["status"], i["owner"])
     out.print(table)
     if total is not None and total > len(images):
         out.print(f"[dim]{len(images)} of {total} shown; use --limit/--offset for more[/dim]")
@@ -68,7 +59,7 @@ def image_detail(i: dict[str, Any]) -> None:
                 "os_distro", "os_release", "arch", "disk_format"):
         table.add_row(key, str(i.get(key) or ""))
     for key in ("size", "virtual_size", "stored_bytes"):
-        table.add_row(key, f"{human(i.get(key))} ({i.get(key)})" if i.get(key) is not None
+        table.add_row(key, f"{format_bytes(i.get(key))} ({i.get(key)})" if i.get(key) is not None
                       else "-")
     table.add_row("sha256", i.get("sha256") or "")
     table.add_row("tags", ", ".join(i.get("tags") or []))

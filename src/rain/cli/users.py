@@ -11,8 +11,8 @@ from rich.table import Table
 from rain.cli import values
 from rain.cli.errors import WrongUsage
 from rain.cli.options import Json, Token, Url, client
-from rain.cli.output import err, human, out, print_json
-from rain.model.units import parse_size, plural
+from rain.cli.output import err, out, print_json
+from rain.model.units import format_bytes, parse_size, plural
 
 user_app = typer.Typer(no_args_is_help=True, help="One user: show, create, disable, enable, rm.")
 group_app = typer.Typer(no_args_is_help=True, help="Groups: show, create, rm, add, remove.")
@@ -43,7 +43,7 @@ def users(include_deleted: Annotated[bool, typer.Option("--all", help="Deleted u
         table.add_column(col, overflow="fold")
     for u in found:
         quota = " / ".join(x for x in (
-            human(u["quota_bytes"]) if u.get("quota_bytes") is not None else "",
+            format_bytes(u["quota_bytes"]) if u.get("quota_bytes") is not None else "",
             f"{u['quota_images']} images" if u.get("quota_images") is not None else "") if x)
         table.add_row(u["name"], "yes" if u["admin"] else "", _state(u),
                       ", ".join(u.get("groups") or []), quota or "-", _when(u.get("created")))

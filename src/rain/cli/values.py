@@ -12,7 +12,7 @@ from typing import Any
 from rain.cli.errors import cli_errors
 from rain.model import BuildStatus, DiskFormat, ImageStatus, TransferMethod, Visibility
 from rain.model.errors import RainError
-from rain.model.units import parse_duration, parse_rate, parse_size
+from rain.model.units import parse_duration, parse_rate_bytes_per_second, parse_size
 
 
 def _checked(parse: Callable[[str], Any]) -> Callable[[str], str]:
@@ -46,7 +46,7 @@ def choice(values: Iterable[str]) -> Callable[[str], str]:
 
 size = _checked(parse_size)
 duration = _checked(parse_duration)
-rate = _checked(parse_rate)
+rate = _checked(parse_rate_bytes_per_second)
 date = _checked(_date)
 disk_format = choice(f.value for f in DiskFormat)
 visibility = choice(v.value for v in Visibility)

@@ -34,7 +34,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from rain.catalog import utcnow
 from rain.deploy.auto import choose_method
 from rain.deploy.nodes import NodeRegistry
 from rain.deploy.records import DeploymentRecords
@@ -52,6 +51,7 @@ from rain.model import (
     TransferMethod,
     User,
 )
+from rain.model.clock import utcnow
 from rain.repo import Repository
 from rain.store import ZERO_DIGEST, ImageManifest
 

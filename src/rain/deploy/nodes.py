@@ -16,8 +16,9 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from rain.catalog import Catalog, utcnow
+from rain.catalog import Catalog
 from rain.model import InvalidRequest, Node, NodeState, User
+from rain.model.clock import utcnow
 from rain.model.node import check_node_name
 from rain.repo.access import require_admin, require_agent, require_user
 from rain.repo.config import RepoConfig

@@ -19,10 +19,10 @@ import threading
 from datetime import timedelta
 from typing import Any
 
-from rain.catalog import utcnow
 from rain.deploy.config import PrefetchConfig
 from rain.deploy.coordinator import Coordinator
 from rain.model import Deployment, ImageStatus
+from rain.model.clock import utcnow
 from rain.repo import Repository
 from rain.schedule import popular_images, prefetch_plan
 

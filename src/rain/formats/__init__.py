@@ -6,7 +6,6 @@ overlays. Every external tool runs through `rain.formats.tool.run_tool`.
 """
 
 from rain.formats.detect import HEADER_BYTES, detect_format
-from rain.formats.headers import human_size
 from rain.formats.inspect import (
     ImageInfo,
     convert_file,
@@ -35,7 +34,6 @@ __all__ = [
     "create_ephemeral",
     "create_overlay",
     "detect_format",
-    "human_size",
     "inspect_file",
     "inspect_header",
     "run_tool",

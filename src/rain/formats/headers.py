@@ -25,6 +25,7 @@ from collections.abc import Callable
 from rain.formats.detect import VDI_SIGNATURE_OFFSET, VMDK3_MAGIC, foreign_format
 from rain.model import DiskFormat
 from rain.model.errors import InvalidImage
+from rain.model.units import format_bytes
 
 SELF_CONTAINED = "images must be self-contained"
 
@@ -87,22 +88,11 @@ def refuse_foreign(header: bytes) -> None:
 def check_virtual_size(fmt: DiskFormat, size: int, max_virtual_size: int) -> None:
     if size > max_virtual_size:
         raise InvalidImage(
-            f"virtual size {human_size(size)} exceeds the limit of {human_size(max_virtual_size)}"
+            f"virtual size {format_bytes(size)} exceeds the limit of "
+            f"{format_bytes(max_virtual_size)}"
         )
     if size <= 0 and fmt is not DiskFormat.RAW:
         raise InvalidImage(f"{fmt} image declares a virtual size of {size} bytes")
-
-
-def human_size(n: int) -> str:
-    """Binary units with one decimal, as used in messages: `2.0 TiB`, `512 B`."""
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
-        value /= 1024
-        if value < 1024 or unit == "EiB":
-            return f"{value:.1f} {unit}"
-    raise AssertionError("unreachable")
 
 
 def printable(raw: bytes, limit: int = 120) -> str:

@@ -46,7 +46,6 @@ from rain.formats.headers import (
     check_header,
     check_virtual_size,
     fixed_vhd_size,
-    human_size,
     printable,
     refuse_foreign,
 )
@@ -62,7 +61,6 @@ __all__ = [
     "CHECKED_FORMATS",
     "ImageInfo",
     "convert_file",
-    "human_size",
     "inspect_file",
     "inspect_header",
     "verify_raw_header",

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from rain.catalog import Catalog, is_id_prefix, unique_prefix, utcnow
+from rain.catalog import Catalog, is_id_prefix, unique_prefix
 from rain.model import (
     Build,
     BuildStatus,
@@ -34,6 +34,7 @@ from rain.model import (
     RainError,
     User,
 )
+from rain.model.clock import utcnow
 from rain.repo.access import require_user
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from rain.catalog import Catalog, ImageQuery, MatchReport, Preference, Requirements, utcnow
+from rain.catalog import Catalog, ImageQuery, MatchReport, Preference, Requirements
 from rain.formats import ToolLimits
 from rain.model import (
     Conflict,
@@ -30,6 +30,7 @@ from rain.model import (
     User,
     Visibility,
 )
+from rain.model.clock import utcnow
 from rain.repo import metadata
 from rain.repo.access import (
     refuse_node,

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from rain.formats import HEADER_BYTES, ToolLimits, human_size, inspect_file, inspect_header
+from rain.formats import HEADER_BYTES, ToolLimits, inspect_file, inspect_header
 from rain.model import DiskFormat, InvalidImage, QuotaExceeded
 from rain.model.errors import ImageTooLarge
+from rain.model.units import format_bytes
 from rain.store import ChunkStore, ImageManifest, ImageWriter
 
 BLOCK = 4 * 1024 * 1024
@@ -190,9 +191,9 @@ class UploadSession:
 
 def too_large(size: int | None, cap: int) -> ImageTooLarge:
     """`size` as declared, or None for an image found too large as its bytes arrived."""
-    what = f"an image of {human_size(size)} ({size} bytes)" if size is not None else \
+    what = f"an image of {format_bytes(size)} ({size} bytes)" if size is not None else \
         "the image"
-    return ImageTooLarge(f"{what} is larger than this server's limit of {human_size(cap)} "
+    return ImageTooLarge(f"{what} is larger than this server's limit of {format_bytes(cap)} "
                          f"({cap} bytes, [repo] max_image_size)",
                          details={"max_image_size": cap})
 

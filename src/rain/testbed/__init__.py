@@ -3,7 +3,7 @@
 See docs/testbed.md. `Testbed` is the Python API; `rain testbed up/down` the CLI.
 """
 
-from rain.testbed.plan import Host, Shaping, format_rate, parse_delay, parse_rate
+from rain.testbed.plan import Host, Shaping, check_link_delay, check_link_rate
 from rain.testbed.testbed import (
     DEFAULT_NAME,
     LinkBytes,
@@ -20,11 +20,10 @@ __all__ = [
     "LinkBytes",
     "Shaping",
     "Testbed",
+    "check_link_delay",
+    "check_link_rate",
     "default_data_dir",
     "down",
     "find_data_dir",
-    "format_rate",
     "inspect",
-    "parse_delay",
-    "parse_rate",
 ]

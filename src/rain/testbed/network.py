@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rain.model.errors import Conflict, Unsupported
-from rain.testbed import net, teardown
+from rain.testbed import iproute, teardown
 from rain.testbed.congestion import Congestion
 from rain.testbed.plan import (
     SLOT_PREFIX,
@@ -71,10 +71,10 @@ def claim(name: str, nodes: int, slot: int | None) -> Plan:
     A slot is in use when any address of the root namespace lies in it: the
     host link of another testbed, or anything else of this machine's.
     """
-    if teardown.namespaces_of(name) or host_link_name(name) in net.link_names():
+    if teardown.namespaces_of(name) or host_link_name(name) in iproute.link_names():
         raise Conflict(f"testbed {name} already exists: run "
                        f"'rain testbed down --name {name}' first")
-    addresses = [ipaddress.IPv4Address(a) for _, a in net.root_addresses()]
+    addresses = [ipaddress.IPv4Address(a) for _, a in iproute.root_addresses()]
     used = {s for s in range(SLOTS) if any(a in slot_network(s) for a in addresses)}
     if slot is not None:
         if slot in used:
@@ -97,24 +97,24 @@ def build(plan: Plan, rate: int, repo_rate: int, latency: float | None,
     machine costs. `congestion` is every host's TCP congestion control (`rain.testbed.
     congestion`: set in each namespace unless they inherit it; None: the machine's)."""
     node_shaping, repo_shaping = Shaping.for_rate(rate), Shaping.for_rate(repo_rate)
-    fair = net.FairQueue("dst", fair_buckets(len(plan.nodes)), (plan.repo.address,))
-    net.Batch().add_netns(plan.switch).run()
-    if latency is not None and not net.netem_available(plan.switch):
+    fair = iproute.FairQueue("dst", fair_buckets(len(plan.nodes)), (plan.repo.address,))
+    iproute.Batch().add_netns(plan.switch).run()
+    if latency is not None and not iproute.netem_available(plan.switch):
         raise Unsupported(NO_NETEM)
-    root = net.Batch()
+    root = iproute.Batch()
     for host in plan.hosts:
         root.add_netns(host.namespace)
     root.add_veth(plan.host_link, Plan.HOST_PORT, plan.switch)
     root.run()
-    net.disable_ipv6_on(plan.host_link)
+    iproute.disable_ipv6_on(plan.host_link)
     with ThreadPoolExecutor(max_workers=4) as pool:
         if congestion is not None and congestion.set_in_hosts:
             tcp = {"net.ipv4.tcp_congestion_control": congestion.name}
-            list(pool.map(lambda h: net.sysctl_in(h.namespace, tcp), plan.hosts))
+            list(pool.map(lambda h: iproute.sysctl_in(h.namespace, tcp), plan.hosts))
         if Path("/proc/sys/net/ipv6").exists():
             # No router solicitations or MLD reports in the byte counters.
-            list(pool.map(lambda ns: net.sysctl_in(ns, _NO_IPV6), plan.namespaces))
-        switch = net.Batch(plan.switch).up("lo")
+            list(pool.map(lambda ns: iproute.sysctl_in(ns, _NO_IPV6), plan.namespaces))
+        switch = iproute.Batch(plan.switch).up("lo")
         switch.add_bridge(Plan.BRIDGE).up(Plan.BRIDGE)
         switch.mtu(Plan.HOST_PORT, mtu).set_master(Plan.HOST_PORT, Plan.BRIDGE)
         switch.up(Plan.HOST_PORT)
@@ -136,16 +136,16 @@ def build(plan: Plan, rate: int, repo_rate: int, latency: float | None,
             switch.shape(host.download_dev, shaping)
         switch.run()
         # Multicast to the host would only cost it CPU.
-        net.set_port_flag(plan.switch, Plan.HOST_PORT, "mcast_flood", False)
+        iproute.set_port_flag(plan.switch, Plan.HOST_PORT, "mcast_flood", False)
         batches = []
         for host in plan.hosts:
-            b = net.Batch(host.namespace).up("lo")
+            b = iproute.Batch(host.namespace).up("lo")
             b.mtu(Plan.IFACE, mtu)
             b.add_address(Plan.IFACE, f"{host.address}/{SLOT_PREFIX}").up(Plan.IFACE)
             b.add_route("224.0.0.0/4", Plan.IFACE)  # multicast senders need a route
             batches.append(b)
-        list(pool.map(net.Batch.run, batches))
-    link = net.Batch()
+        list(pool.map(iproute.Batch.run, batches))
+    link = iproute.Batch()
     link.mtu(plan.host_link, mtu)
     link.add_address(plan.host_link, f"{plan.host_address}/{SLOT_PREFIX}").up(plan.host_link)
     link.run()

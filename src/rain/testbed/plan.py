@@ -1,7 +1,7 @@
 """What a testbed is made of, computed before anything is created.
 
 Pure functions and plain data: the names of namespaces and interfaces, the
-address of every host, and the parsing of rates, delays and testbed names.
+address of every host, and the checking of link rates, delays and testbed names.
 Keeping this apart from the code that calls `ip` and `tc` means every rule
 (name lengths, address spread, rate limits) is checked and tested without
 root, and `up` fails on bad input before it has made anything.
@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from rain.model.errors import InvalidRequest
+from rain.model.units import format_bits_per_second, parse_duration, parse_rate_bits_per_second
 
 PREFIX = "rain"  # every namespace and the host interface start with "rain-"
 REPO_PORT = 8480
@@ -33,49 +34,26 @@ NODES_PER_OCTET = 250  # node addresses X.Y.k.1 .. X.Y.k.250
 MAX_NODES = 1000
 
 NAME_RE = re.compile(r"[a-z][a-z0-9]{0,9}")  # "rain-" + name must fit IFNAMSIZ (15)
-_RATE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?)?(bit|bps)?", re.IGNORECASE)
-_DELAY = re.compile(r"(\d+(?:\.\d+)?)\s*(us|ms|s)", re.IGNORECASE)
-_RATE_SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-               "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
 MIN_RATE = 64_000  # below this a 64 KiB burst is seconds of line time
 MAX_RATE = 100 * 10**9
 
 
-def parse_rate(text: str | int) -> int:
-    """A tc-style rate (`50mbit`, `1gbit`, `800kbit`, `1.5gbit`, bare bits/s) in bits/s.
-
-    `bps` forms are refused: in tc they mean *bytes* per second, a classic
-    factor-of-eight mistake.
-    """
-    if isinstance(text, int):
-        bits = text
-    else:
-        m = _RATE.fullmatch(text.strip())
-        if not m or (m.group(3) or "bit").lower() != "bit":
-            raise InvalidRequest(f"bad rate {text!r}: use e.g. 50mbit, 1gbit, 800kbit "
-                                 "or a number of bits per second")
-        bits = int(float(m.group(1)) * _RATE_SCALE[(m.group(2) or "").lower()])
+def check_link_rate(text: str | int) -> int:
+    """A link's rate in bits/s (tc-style text or a number), within what tc shapes well."""
+    bits = text if isinstance(text, int) else parse_rate_bits_per_second(text)
     if not MIN_RATE <= bits <= MAX_RATE:
-        raise InvalidRequest(f"bad rate {text!r}: must be between {format_rate(MIN_RATE)} "
-                             f"and {format_rate(MAX_RATE)}")
+        raise InvalidRequest(f"bad rate {text!r}: must be between "
+                             f"{format_bits_per_second(MIN_RATE)} and "
+                             f"{format_bits_per_second(MAX_RATE)}")
     return bits
 
 
-def format_rate(bits: int) -> str:
-    """Bits/s as tc would write them (`50mbit`), for messages and state."""
-    for unit, scale in (("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3)):
-        if bits >= scale:
-            return f"{bits / scale:.6g}{unit}"
-    return f"{bits}bit"
-
-
-def parse_delay(text: str) -> float:
-    """A one-way delay (`5ms`, `200us`, `0.1s`) in seconds."""
-    m = _DELAY.fullmatch(text.strip())
-    if not m:
-        raise InvalidRequest(f"bad latency {text!r}: use e.g. 5ms, 200us or 0.1s")
-    scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2).lower()]
-    seconds = float(m.group(1)) * scale
+def check_link_delay(text: str) -> float:
+    """A one-way delay (`5ms`, `200us`, `0.1s`) in seconds, above 0 and at most 10 s."""
+    try:
+        seconds = parse_duration(text.strip().lower()).total_seconds()
+    except InvalidRequest:
+        raise InvalidRequest(f"bad latency {text!r}: use e.g. 5ms, 200us or 0.1s") from None
     if not 0 < seconds <= 10:
         raise InvalidRequest(f"bad latency {text!r}: must be above 0 and at most 10s")
     return seconds

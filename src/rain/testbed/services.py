@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from rain.model.errors import RainError, Unavailable
-from rain.testbed import net
+from rain.testbed import iproute
 from rain.testbed.plan import AGENT_PORT, REPO_PORT, Host
 
 RAIN = [sys.executable, "-m", "rain.cli.main"]
@@ -60,7 +60,7 @@ def start(host: Host, argv: Sequence[str], log: Path,
     log.touch(mode=0o600, exist_ok=True)
     with open(log, "ab") as f:
         f.write(f"--- {datetime.now(UTC).isoformat()} starting rain {argv[3]}\n".encode())
-    return net.spawn_in(host.namespace, argv, log=log, env=env)
+    return iproute.spawn_in(host.namespace, argv, log=log, env=env)
 
 
 def log_tail(log: Path, lines: int = 3) -> str:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from rain.model.errors import RainError
-from rain.testbed import net
+from rain.testbed import iproute
 from rain.testbed.plan import NAME_RE, PREFIX, host_link_name, namespace_prefix
 
 TERM_GRACE = 5.0  # seconds for processes to exit after SIGTERM, before SIGKILL
@@ -43,11 +43,11 @@ class Removed:
 def existing_testbeds() -> dict[str, list[str]]:
     """Every testbed that has a namespace or a host link on this machine, by name."""
     found: dict[str, list[str]] = {}
-    for ns in net.netns_list():
+    for ns in iproute.netns_list():
         parts = ns.split("-")
         if len(parts) == 3 and parts[0] == PREFIX and NAME_RE.fullmatch(parts[1]):
             found.setdefault(parts[1], []).append(ns)
-    for link in net.link_names():
+    for link in iproute.link_names():
         parts = link.split("-")
         if len(parts) == 2 and parts[0] == PREFIX and NAME_RE.fullmatch(parts[1]):
             found.setdefault(parts[1], [])
@@ -56,7 +56,7 @@ def existing_testbeds() -> dict[str, list[str]]:
 
 def namespaces_of(name: str) -> list[str]:
     prefix = namespace_prefix(name)
-    return sorted(ns for ns in net.netns_list() if ns.startswith(prefix))
+    return sorted(ns for ns in iproute.netns_list() if ns.startswith(prefix))
 
 
 def kill_namespace_processes(namespaces: list[str], sig: int = signal.SIGTERM,
@@ -92,14 +92,14 @@ def destroy(name: str) -> Removed:
     removed = Removed()
     removed.namespaces = namespaces_of(name)
     link = host_link_name(name)
-    removed.host_link = link in net.link_names()
+    removed.host_link = link in iproute.link_names()
     removed.processes = kill_namespace_processes(removed.namespaces)
     for ns in removed.namespaces:
-        net.netns_delete(ns)
+        iproute.netns_delete(ns)
     # Deleting the switch namespace destroys the host link's peer and so the
     # link itself; an `up` that crashed before creating the switch may not have.
-    if removed.host_link and link in net.link_names():
-        net.link_delete(link)
+    if removed.host_link and link in iproute.link_names():
+        iproute.link_delete(link)
     left = namespaces_of(name)
     if left:
         raise RainError(f"could not delete namespaces {', '.join(left)}")
@@ -108,7 +108,7 @@ def destroy(name: str) -> Removed:
 
 def _all_pids(namespaces: list[str]) -> list[int]:
     me = os.getpid()
-    return [pid for pids in net.netns_pids(namespaces).values() for pid in pids if pid != me]
+    return [pid for pids in iproute.netns_pids(namespaces).values() for pid in pids if pid != me]
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -27,18 +27,18 @@ from types import TracebackType
 from typing import Any
 
 from rain.model.errors import Forbidden, InvalidRequest, NotFound
+from rain.model.units import format_bits_per_second
 from rain.testbed import congestion as tcp
-from rain.testbed import net, network, services, teardown
+from rain.testbed import iproute, network, services, teardown
 from rain.testbed.plan import (
     Host,
     Plan,
+    check_link_delay,
+    check_link_rate,
     check_name,
     check_nodes,
-    format_rate,
     host_link_name,
     make_plan,
-    parse_delay,
-    parse_rate,
     slot_network,
 )
 
@@ -93,9 +93,9 @@ class Testbed:
                  slot: int | None = None, timeout: float = 60.0) -> None:
         self.name = check_name(name)
         self.node_count = check_nodes(nodes)
-        self.rate = parse_rate(rate)
-        self.repo_rate = parse_rate(repo_rate) if repo_rate is not None else self.rate
-        self.latency = parse_delay(latency) if latency else None
+        self.rate = check_link_rate(rate)
+        self.repo_rate = check_link_rate(repo_rate) if repo_rate is not None else self.rate
+        self.latency = check_link_delay(latency) if latency else None
         if not 576 <= mtu <= 65535:
             raise InvalidRequest(f"bad mtu {mtu}: use 576 to 65535 (9000: jumbo frames)")
         self.mtu = mtu
@@ -223,8 +223,8 @@ class Testbed:
             "name": self.name, "url": plan.url, "token": self.token, "slot": plan.slot,
             "network": f"{plan.network}", "host_address": plan.host_address,
             "host_link": plan.host_link, "switch": plan.switch,
-            "rate": format_rate(self.rate), "rate_bps": self.rate,
-            "repo_rate": format_rate(self.repo_rate), "repo_rate_bps": self.repo_rate,
+            "rate": format_bits_per_second(self.rate), "rate_bps": self.rate,
+            "repo_rate": format_bits_per_second(self.repo_rate), "repo_rate_bps": self.repo_rate,
             "latency": f"{self.latency * 1e3:g}ms" if self.latency else None,
             "mtu": self.mtu,
             "congestion": self.congestion.name if self.congestion else self.congestion_request,
@@ -276,18 +276,18 @@ class Testbed:
     def exec(self, node: str, argv: Sequence[str], *, timeout: float = 60.0,
              check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
         """Run a command in a node's (or "repo"'s) namespace and wait for it."""
-        return net.exec_in(self.node(node).namespace, argv, timeout=timeout, check=check,
+        return iproute.exec_in(self.node(node).namespace, argv, timeout=timeout, check=check,
                            input=input, env=services.child_env(self.env))
 
     def spawn(self, node: str, argv: Sequence[str],
               log: Path | None = None) -> subprocess.Popen[bytes]:
         """Start a background command in a node's namespace (killed by `down` at the latest)."""
-        return net.spawn_in(self.node(node).namespace, argv, log=log,
+        return iproute.spawn_in(self.node(node).namespace, argv, log=log,
                             env=services.child_env(self.env))
 
     def interface_bytes(self, node: str) -> LinkBytes:
         """Bytes received and sent by a node (or "repo") on its link: the ground truth."""
-        rx, tx = net.link_bytes(self.node(node).namespace, Plan.IFACE)
+        rx, tx = iproute.link_bytes(self.node(node).namespace, Plan.IFACE)
         return LinkBytes(rx=rx, tx=tx)
 
     # -- building ---------------------------------------------------------------------
@@ -371,13 +371,14 @@ def _host_dict(host: Host) -> dict[str, str]:
 def inspect(name: str, data_dir: str | Path | None = None) -> dict[str, Any]:
     """What exists of testbed `name`: namespaces with their process counts, link, state."""
     namespaces = teardown.namespaces_of(check_name(name))
-    pids = net.netns_pids(namespaces)
+    pids = iproute.netns_pids(namespaces)
     path = find_data_dir(name, data_dir) / STATE_FILE
     try:
         state: dict[str, Any] | None = json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         state = None
-    return {"name": name, "exists": bool(namespaces) or host_link_name(name) in net.link_names(),
+    host_link = host_link_name(name) in iproute.link_names()
+    return {"name": name, "exists": bool(namespaces) or host_link,
             "namespaces": {ns: len(pids[ns]) for ns in namespaces},
-            "host_link": host_link_name(name) in net.link_names(),
+            "host_link": host_link,
             "state_file": str(path) if state is not None else None, "state": state}
