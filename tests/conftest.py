@@ -95,9 +95,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def run_cli(*args: str, env: dict[str, str], check: bool = True,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+            cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`timeout` only guards against a hung test; the server bounds its own work."""
     result = subprocess.run([*RAIN, *args], env=env, capture_output=True, text=True, cwd=cwd,
-                            timeout=300)
+                            timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"rain {' '.join(args)} failed: {result.stderr}")
     return result

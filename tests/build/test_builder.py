@@ -25,6 +25,8 @@ from rain.client import Client
 from tests.build.conftest import require_image_tools
 from tests.conftest import Server, run_cli, start_server, stop_server
 
+BUILD_GUARD_SECONDS = 1500
+
 pytestmark = pytest.mark.integration
 
 NODE = """\
@@ -78,7 +80,10 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _build(server: Server, path: Path, *extra: str, check: bool = True) -> dict:  # type: ignore[type-arg]
-    r = run_cli("build", str(path), "--json", *extra, env=server.env(), check=check)
+    # A first build bootstraps Debian and boots under TCG; on a loaded 2-core host that
+    # took over 300 s. The build's own boot timeout (stretched by CPU waits) bounds it.
+    r = run_cli("build", str(path), "--json", *extra, env=server.env(), check=check,
+                timeout=BUILD_GUARD_SECONDS)
     return json.loads(r.stdout) if r.returncode == 0 else {"stderr": r.stderr, "rc": r.returncode}
 
 
