@@ -14,10 +14,9 @@ import pytest
 from rain.deploy.config import DistributeConfig
 from rain.deploy.coordinator import Coordinator
 from rain.deploy.service import DeploymentRequest, DeploymentService
-from rain.distribute.agentclient import AgentUnreachable
 from rain.distribute.methods.base import RepoSide
 from rain.model import Image, InstanceStatus, User
-from rain.model.errors import InvalidRequest, NotFound, Unauthorized
+from rain.model.errors import AgentUnreachable, InvalidRequest, NotFound, Unauthorized
 from rain.repo import Repository
 from rain.schedule import ScheduleConfig
 

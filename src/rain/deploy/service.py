@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from rain.deploy.coordinator import Coordinator
-from rain.distribute.agentclient import AgentClient, AgentUnreachable
+from rain.distribute.agentclient import AgentClient
 from rain.model import (
     Deployment,
     InstanceRecord,
@@ -25,6 +25,7 @@ from rain.model import (
     TransferMethod,
     User,
 )
+from rain.model.errors import AgentUnreachable
 from rain.model.units import parse_size
 from rain.repo import Repository
 from rain.repo.access import require_user

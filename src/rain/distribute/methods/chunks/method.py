@@ -45,10 +45,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from rain.client.connection import open_connection, request_headers
 from rain.distribute.agentclient import AgentClient
 from rain.distribute.methods.base import DeploymentJob, FetchContext
 from rain.distribute.partial import BadChunk, PartialImage, TransferAborted
-from rain.distribute.source import connect
 from rain.model.errors import InvalidRequest, RainError
 
 logger = logging.getLogger(__name__)
@@ -210,12 +210,12 @@ class _Peers:
         conns: dict[str, tuple[http.client.HTTPConnection, str]] = \
             self._local.__dict__.setdefault("conns", {})
         if peer.name not in conns:
-            conns[peer.name] = connect(peer.url, self.timeout, self.ctx.repo.context)
+            conns[peer.name] = open_connection(peer.url, self.timeout, self.ctx.repo.context)
             with self._lock:
                 self._all.append(conns[peer.name][0])
         conn, prefix = conns[peer.name]
         conn.request("GET", prefix + CHUNK_BY_DIGEST_PATH.format(digest=digest.hex()),
-                     headers={"Authorization": f"Bearer {self.ctx.peer_token}"})
+                     headers=request_headers(self.ctx.peer_token))
         resp = conn.getresponse()
         if resp.status == 404 or (resp.status == 403 and partner):
             resp.read()

@@ -39,10 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from rain.client.connection import open_connection, request_headers
 from rain.distribute.methods.base import DeploymentJob, FetchContext
 from rain.distribute.methods.tree.peer import CHUNKS_PATH, read_frames, stripe_indices
 from rain.distribute.partial import BadChunk, TransferAborted
-from rain.distribute.source import RepoSource, connect
+from rain.distribute.source import RepoSource
 from rain.model.errors import InvalidRequest, RainError
 
 REPOSITORY = "repository"  # the source name (and URL) the plan uses for the repository
@@ -374,7 +375,7 @@ class _StripeFetch:
             return
         start = todo[0]
         expected = [i for i in mine if i >= start]
-        conn, prefix = connect(source.url, self.stall, self.ctx.repo.context)
+        conn, prefix = open_connection(source.url, self.stall, self.ctx.repo.context)
         socks: list[socket.socket] = []
         resp: http.client.HTTPResponse | None = None
         try:
@@ -406,7 +407,7 @@ class _StripeFetch:
               socks: list[socket.socket]) -> http.client.HTTPResponse:
         path = prefix + CHUNKS_PATH.format(image_id=self.ctx.image_id) + \
             f"?stripe={wire}&of={self.of}&from={start}"
-        headers = {"Authorization": f"Bearer {self.ctx.peer_token}"}
+        headers = request_headers(self.ctx.peer_token)
         deadline = time.monotonic() + self.stall
         while True:
             conn.request("GET", path, headers=headers)
