@@ -60,6 +60,7 @@ from rain.distribute.methods.bittorrent.turns import UNLIMITED, Lane, Turns  # n
 from rain.distribute.partial import PartialImage, TransferAborted  # noqa: E402
 from rain.distribute.source import RepoSource, TransferStats  # noqa: E402
 from rain.model import DiskFormat, Image  # noqa: E402
+from rain.model.deploy import DeployOptions  # noqa: E402
 from rain.repo import Repository  # noqa: E402
 from rain.repo.convert import materialize  # noqa: E402
 from rain.store.manifest import ImageManifest  # noqa: E402
@@ -140,7 +141,8 @@ class World:
             id=f"dep-{self.jobs}", image=self.image, manifest=self.manifest,
             manifest_id=self.manifest_id,
             nodes=[NodeTarget(f"n{k}", f"http://{h}:7000", "key") for k, h in enumerate(hosts)],
-            peer_token=token, options=options, seed_file=lambda: self.seed_file,
+            peer_token=token, options=DeployOptions.from_json(options),
+            seed_file=lambda: self.seed_file,
             workdir=self.tmp / "work", server=self.side)
 
     def ctx(self, job: DeploymentJob, k: int, plan: dict[str, Any], host: str,
@@ -153,7 +155,8 @@ class World:
             partial=PartialImage(d / f"{self.image.id}.part", self.manifest),
             repo=RepoSource(self.url, self.token, deployment=job.id), plan=plan,
             stats=TransferStats(), cancel=threading.Event(), workdir=d,
-            peer_token=job.peer_token, host=host, options={**job.options, **options},
+            peer_token=job.peer_token, host=host,
+            options=DeployOptions.from_json({**job.options.to_json(), **options}),
             log=lambda m, k=k: print(f"[n{k}] {m}"))
 
     @property

@@ -23,6 +23,7 @@ from rain.distribute.methods.chunks import method as chunks
 from rain.distribute.partial import PartialImage, TransferAborted
 from rain.distribute.source import RepoSource, TransferStats
 from rain.model import DiskFormat, NodeState
+from rain.model.deploy import DeployOptions
 from rain.store.manifest import ZERO_DIGEST, ImageManifest
 from tests.conftest import Server, free_port
 from tests.distribute.conftest import CHUNK, MiB, manifest_of_file
@@ -513,7 +514,7 @@ def test_coordinator_lists_holders_and_partners(monkeypatch: pytest.MonkeyPatch)
         id="d", image=cast(Any, SimpleNamespace(id="img")), manifest=cast(Any, None),
         manifest_id="m", nodes=[NodeTarget("n1", "http://10.0.0.1:8481/", "k"),
                                 NodeTarget("n2", "http://10.0.0.2:8481", "k")],
-        peer_token=PEER_TOKEN, options={}, seed_file=lambda: Path("/nonexistent"),
+        peer_token=PEER_TOKEN, options=DeployOptions(), seed_file=lambda: Path("/nonexistent"),
         workdir=Path("/nonexistent"), server=server, log=lambda _m: None)
     plans = chunks.COORDINATOR.prepare(job)
     assert set(plans) == {"n1", "n2"}

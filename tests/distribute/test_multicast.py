@@ -39,6 +39,7 @@ from rain.distribute.methods.multicast.method import MulticastConfig, stream_byt
 from rain.distribute.partial import PartialImage, TransferAborted
 from rain.distribute.source import RepoSource, TransferStats
 from rain.model import DiskFormat, InvalidRequest, ToolFailed
+from rain.model.deploy import DeployOptions
 from rain.repo.convert import store_file
 from rain.store import ChunkStore, StoreConfig
 from rain.store.backends.fs import FilesystemBackend
@@ -231,7 +232,8 @@ class Deployment:
             id=secrets.token_hex(8), image=cast(Any, SimpleNamespace(id=self.image.id)),
             manifest=m, manifest_id=m.id,
             nodes=[NodeTarget(n, f"http://{self.net.addr(n)}:1", "k") for n in nodes],
-            peer_token="t", options=options or {}, seed_file=lambda: self.image.path,
+            peer_token="t", options=DeployOptions.from_json(options),
+            seed_file=lambda: self.image.path,
             workdir=self.work, server=side, log=lambda _msg: None)
         job = self.job
         self.plans = in_ns(self.net.ns("repo"), lambda: multicast.COORDINATOR.prepare(job),
@@ -445,7 +447,8 @@ def test_missing_udpcast_tools_are_one_clear_error(repo_image: RepoImage, tmp_pa
     m = repo_image.manifest
     job = DeploymentJob(id="d", image=cast(Any, SimpleNamespace(id=repo_image.id)), manifest=m,
                         manifest_id=m.id, nodes=[NodeTarget("a", "http://198.19.0.2:1", "k")],
-                        peer_token="t", options={}, seed_file=lambda: repo_image.path,
+                        peer_token="t", options=DeployOptions(),
+                        seed_file=lambda: repo_image.path,
                         workdir=tmp_path, server=side)
     with pytest.raises(ToolFailed, match="udp-sender-not-installed is not installed"):
         multicast.COORDINATOR.prepare(job)

@@ -24,6 +24,7 @@ from rain.distribute.methods.tree.peer import FRAME, serve_stripe
 from rain.distribute.partial import PartialImage, TransferAborted
 from rain.distribute.source import RepoSource, TransferStats
 from rain.model import DiskFormat, InvalidRequest
+from rain.model.deploy import DeployOptions
 from tests.distribute.conftest import RepoImage
 
 PEER_TOKEN = "peer-token-for-tests"
@@ -102,7 +103,8 @@ def _job(nodes: list[str], options: dict[str, Any]) -> DeploymentJob:
         id="d-1", image=cast(Any, None), manifest=cast(Any, None), manifest_id="m",
         nodes=[NodeTarget(x, f"http://10.0.0.{i + 1}:8481/", "key") for i, x in
                enumerate(nodes)],
-        peer_token=PEER_TOKEN, options=options, seed_file=lambda: Path("/nonexistent"),
+        peer_token=PEER_TOKEN, options=DeployOptions.from_json(options),
+        seed_file=lambda: Path("/nonexistent"),
         workdir=Path("/nonexistent"), server=server, log=lambda _m: None)
 
 
@@ -282,7 +284,8 @@ def cluster(repo_image: RepoImage, tmp_path: Path) -> Iterator[Callable[..., dic
                 disk_format=DiskFormat.RAW, manifest=repo_image.manifest, partial=partial,
                 repo=RepoSource(repo_image.url, repo_image.token, deployment="d-tree"),
                 plan={}, stats=TransferStats(), cancel=threading.Event(), workdir=tmp_path,
-                peer_token=PEER_TOKEN, log=logs.append, options=dict(options or {}))
+                peer_token=PEER_TOKEN, log=logs.append,
+                options=DeployOptions.from_json(options or {}))
             out[name] = Node(name, ctx, double, logs)
         layout = tree.tree_layout(nodes, fanout, stripes)
         plans = tree.tree_plans(layout, {n: out[n].double.url for n in nodes}, fanout=fanout,

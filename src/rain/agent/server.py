@@ -41,6 +41,7 @@ from rain.distribute.httpserver import ServingHTTPServer
 from rain.distribute.methods.tree.peer import serve_stripe
 from rain.distribute.partial import TransferAborted
 from rain.model.errors import Forbidden, InvalidRequest, NotFound, RainError, Unauthorized
+from rain.model.wire import error_bytes
 
 if TYPE_CHECKING:
     from rain.agent.node import Agent
@@ -162,8 +163,7 @@ class AgentHandler(BaseHTTPRequestHandler):
             self.rfile.read(length)
         elif length:
             self.close_connection = True
-        body = json.dumps({"error": {**exc.details, "code": exc.code,
-                                     "message": exc.message}}).encode()
+        body = error_bytes(exc)
         self.send_response(exc.status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))

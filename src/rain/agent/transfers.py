@@ -25,6 +25,7 @@ from rain.distribute.methods.base import FetchContext, LocalChunks, NodeMethod, 
 from rain.distribute.partial import PartialImage
 from rain.distribute.source import RepoSource, TransferStats
 from rain.model import DiskFormat, InvalidImage, InvalidRequest, RainError
+from rain.model.deploy import DeployOptions
 
 log = logging.getLogger("rain.agent")
 
@@ -42,7 +43,7 @@ class FetchRequest:
     plan: dict[str, Any] = field(default_factory=dict)
     deployment: str = ""
     peer_token: str = ""
-    options: dict[str, Any] = field(default_factory=dict)
+    options: DeployOptions = field(default_factory=DeployOptions)
 
     @classmethod
     def parse(cls, body: dict[str, Any]) -> FetchRequest:
@@ -55,9 +56,10 @@ class FetchRequest:
             raise InvalidRequest(f"fetch request lacks {exc.args[0]!r}") from None
         except ValueError as exc:
             raise InvalidRequest(f"bad fetch request: {exc}") from None
-        plan, options = body.get("plan") or {}, body.get("options") or {}
-        if not isinstance(plan, dict) or not isinstance(options, dict):
-            raise InvalidRequest("fetch request: plan and options must be objects")
+        plan = body.get("plan") or {}
+        if not isinstance(plan, dict):
+            raise InvalidRequest("fetch request: plan must be an object")
+        options = DeployOptions.from_json(body.get("options"))
         return cls(image_id, sha256, fmt, method, plan, str(body.get("deployment") or ""),
                    str(body.get("peer_token") or ""), options)
 
@@ -171,7 +173,7 @@ class Transfers:
         req = t.request
         workdir = self.work_dir / req.image_id
         src = RepoSource(self.repo_url, self.token, deployment=req.deployment,
-                         context=self.context, max_rate=req.options.get("max_rate"))
+                         context=self.context, max_rate=req.options.max_rate_bytes_per_s)
         try:
             manifest = src.manifest(req.image_id)
             if manifest.sha256 != req.sha256:

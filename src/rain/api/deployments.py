@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from rain.api.deps import viewer
 from rain.deploy.service import DeploymentRequest, DeploymentService
 from rain.model import User
+from rain.model.deploy import DeployOptions
 
 router = APIRouter(prefix="/v1", tags=["deployments"])
 Viewer = Annotated[User | None, Depends(viewer)]
@@ -35,16 +36,16 @@ def create_deployment(d: Deployments, user: Viewer,
     "options": {...}, "prefetch": false}`. `policy` (default: the server's
     `[schedule]` multipliers, spread unless changed) decides whether the
     instances go to different nodes or fill few; the report's `placement` says
-    which placed them. Options: size, ephemeral_size (bytes or "4G"), copy,
-    fanout, stripes (tree), encrypt (bittorrent), rate (multicast cap, B/s),
-    max_rate (per-node throttle, B/s), stall_seconds, web_seed. The answer is
-    the deployment (202); follow it with GET /v1/deployments/{id}.
+    which placed them. `options`: rain.model.deploy.DeployOptions (docs/api.md
+    lists them). The answer is the deployment (202); follow it with
+    GET /v1/deployments/{id}.
     """
     req = DeploymentRequest(
         image=str(body.get("image") or ""), nodes=body.get("nodes"),
         all_nodes=bool(body.get("all", False)), count=body.get("count"),
         method=body.get("method") or None, policy=body.get("policy"),
-        options=body.get("options"), prefetch=bool(body.get("prefetch", False)))
+        options=DeployOptions.from_json(body.get("options")),
+        prefetch=bool(body.get("prefetch", False)))
     return JSONResponse(d.create(user, req).to_dict(), status_code=202)
 
 

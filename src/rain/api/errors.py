@@ -1,4 +1,4 @@
-"""The one place rain errors become HTTP responses: `{"error": {"code", "message"}}`."""
+"""The one place the API's errors become HTTP responses (the body: rain.model.wire)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from rain.model.errors import RainError
+from rain.model.wire import error_object
 
 log = logging.getLogger("rain.api")
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
@@ -20,8 +21,8 @@ HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 def error_response(status: int, code: str, message: str,
                    headers: dict[str, str] | None = None,
                    details: dict[str, Any] | None = None) -> JSONResponse:
-    body = {**(details or {}), "code": code, "message": message}
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
+    return JSONResponse(error_object(code, message, details), status_code=status,
+                        headers=headers)
 
 
 def error_headers(exc: RainError) -> dict[str, str]:

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from rain.api.deps import principal, repo, viewer
+from rain.api.errors import error_response
 from rain.api.files import DRAIN_LIMIT, download_headers
 from rain.api.ranges import parse_range
 from rain.catalog import ImageQuery
@@ -62,16 +63,14 @@ async def upload_image(ref: str, request: Request, r: Repo, user: Viewer,
         # that gets this answer sends the plain bytes instead.
         with contextlib.suppress(ClientDisconnect):
             await _drain(stream, DRAIN_LIMIT)
-        return JSONResponse({"error": {"code": "unsupported_media_type",
-                                       "message": "this server takes plain image bytes only"}},
-                            status_code=415)
+        return error_response(415, "unsupported_media_type",
+                              "this server takes plain image bytes only")
     length = request.headers.get("content-length")
     declared = int(length) if length and length.isdigit() else None
     try:
         image = await r.upload(user, ref, stream, disk_format, size=declared)
     except ClientDisconnect:
-        return JSONResponse({"error": {"code": "client_disconnect",
-                                       "message": "upload interrupted"}}, status_code=400)
+        return error_response(400, "client_disconnect", "upload interrupted")
     except RainError:
         # A client still sending when the error response arrives often loses it
         # to a connection reset; reading (and dropping) a bounded rest of the

@@ -43,6 +43,7 @@ from rain.api.transfers import Transfers
 from rain.deploy.coordinator import Coordinator
 from rain.distribute.httpserver import ServingHTTPServer
 from rain.model import DiskFormat, Image, InvalidRequest, RainError, User
+from rain.model.wire import error_object
 from rain.repo import Download, Repository
 
 log = logging.getLogger("rain.api.native")
@@ -224,8 +225,7 @@ class RainHandler(BaseHTTPRequestHandler):
         if getattr(self, "_headers_sent", False):
             self.close_connection = True  # mid-body: all we can do is stop
             return
-        body = json.dumps({"error": {**(details or {}), "code": code,
-                                     "message": message}}).encode()
+        body = json.dumps(error_object(code, message, details)).encode()
         self._start(status, {"Content-Type": "application/json",
                              "Content-Length": str(len(body)), **(headers or {})})
         if self.command != "HEAD":

@@ -15,6 +15,7 @@ from rain.cli import values
 from rain.cli.errors import WrongUsage
 from rain.cli.options import Json, Token, Url, client
 from rain.cli.output import err, out, print_json
+from rain.model.deploy import DeployOptions
 from rain.model.errors import RainError
 from rain.model.units import format_bytes, parse_rate_bytes_per_second, parse_size, plural
 
@@ -68,6 +69,15 @@ def deploy(
     rate: Annotated[str | None, typer.Option(
         "--rate", help="multicast: send rate cap, e.g. 100mbit", parser=values.rate)] = None,
     max_rate: MaxRate = None,
+    max_holders: Annotated[int | None, typer.Option(
+        "--max-holders", help="chunks: nodes outside the deployment that cache the image "
+        "and are asked to serve it (0-64; default 8)")] = None,
+    owner_wait: Annotated[float | None, typer.Option(
+        "--owner-wait-seconds", help="chunks: how long a node waits for a silent owner's "
+        "share before taking it from the repository (default 15)")] = None,
+    stall: Annotated[float | None, typer.Option(
+        "--stall-seconds", help="Give up on a silent source or node after this long "
+        "(default: the server's [distribute] stall_seconds)")] = None,
     spread: Annotated[bool, typer.Option(
         "--spread", help="Instances on different nodes first (the usual default)")] = False,
     pack: Annotated[bool, typer.Option(
@@ -81,8 +91,11 @@ def deploy(
     if spread and pack:
         raise WrongUsage("give --spread or --pack, not both")
     targets = _targets(node_names, everyone)
-    options = _options(copy=copy, size=size, ephemeral_size=ephemeral, fanout=fanout,
-                       stripes=stripes, encrypt=encrypt, rate=rate, max_rate=max_rate)
+    options = DeployOptions(
+        size_bytes=_size(size), ephemeral_size_bytes=_size(ephemeral), copy=copy,
+        fanout=fanout, stripes=stripes, encrypt=encrypt, rate_bytes_per_s=_rate(rate),
+        max_rate_bytes_per_s=_rate(max_rate), stall_seconds=stall, max_holders=max_holders,
+        owner_wait_seconds=owner_wait)
     c = client(url, token)
     dep = c.deploy(image, nodes=targets, all=everyone, count=count, method=method,
                    options=options, policy="spread" if spread else "pack" if pack else None)
@@ -99,7 +112,7 @@ def prefetch(image: str, node_names: Nodes = None, everyone: All = False,
     targets = _targets(node_names, everyone)
     c = client(url, token)
     dep = c.prefetch(image, nodes=targets, all=everyone, method=method,
-                     options=_options(max_rate=max_rate))
+                     options=DeployOptions(max_rate_bytes_per_s=_rate(max_rate)))
     _finish(c, dep, follow=follow, wait=wait, json=json)
 
 
@@ -181,18 +194,12 @@ def _targets(value: str | None, everyone: bool) -> list[str] | None:
     return names
 
 
-def _options(**given: Any) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    for key, value in given.items():
-        if value is None or value is False:
-            continue
-        if key in ("rate", "max_rate"):
-            opts[key] = parse_rate_bytes_per_second(str(value))
-        elif key in ("size", "ephemeral_size"):
-            opts[key] = parse_size(str(value))
-        else:
-            opts[key] = value
-    return opts
+def _size(text: str | None) -> int | None:
+    return None if text is None else parse_size(text)
+
+
+def _rate(text: str | None) -> float | None:
+    return None if text is None else parse_rate_bytes_per_second(text)
 
 
 def _finish(c: Any, dep: dict[str, Any], *, follow: bool, wait: bool, json: bool) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import ssl
 import stat
 import time
 from collections.abc import Callable
@@ -20,11 +19,13 @@ from typing import Any
 import httpx
 
 from rain.client.builds import BuildCalls, BuildUpdate
+from rain.client.connection import json_session, request_headers, tls_context
 from rain.client.deployments import DeployCalls
 from rain.client.nodes import NodeCalls
 from rain.client.transfer import BUSY, Phase, download_file, upload_file
 from rain.client.users import UserCalls
-from rain.model.errors import ERRORS_BY_CODE, ImageRebuilding, InvalidImage, RainError
+from rain.model.errors import ImageRebuilding, InvalidImage, RainError
+from rain.model.wire import raise_for_error
 
 DEFAULT_URL = "http://127.0.0.1:8480"
 BLOCK = 1024 * 1024
@@ -36,17 +37,13 @@ class Client(BuildCalls, NodeCalls, DeployCalls, UserCalls):
                  timeout: float = 300.0, sparse: bool = True, ca: str | None = None) -> None:
         self.url = server_url(url or os.environ.get("RAIN_URL") or DEFAULT_URL)
         # A CA bundle for an https server with a private certificate (RAIN_CA).
-        ca = ca or os.environ.get("RAIN_CA") or None
-        self.context = ssl.create_default_context(cafile=ca) if ca else None
+        self.context = tls_context(ca or os.environ.get("RAIN_CA") or None)
         self.token = api_token(token if token is not None else os.environ.get("RAIN_TOKEN"))
         self.timeout = timeout
         # Leave zero chunks out of image transfers when the server agrees (rain.model.sparse).
         self.sparse = sparse
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        self._auth = dict(headers)
-        self._http = httpx.Client(base_url=self.url, headers=headers,
-                                  timeout=httpx.Timeout(timeout, connect=10.0),
-                                  verify=self.context if self.context is not None else True)
+        self._auth = request_headers(self.token)
+        self._http = json_session(self.url, self.token, timeout=timeout, context=self.context)
 
     def close(self) -> None:
         self._http.close()
@@ -63,7 +60,7 @@ class Client(BuildCalls, NodeCalls, DeployCalls, UserCalls):
             resp = self._http.request(method, path, **kw)
         except httpx.TransportError as exc:
             raise RainError(f"cannot reach rain at {self.url}: {exc}") from None
-        _raise_for(resp)
+        raise_for_error(resp.status_code, resp.content)
         return resp.json() if resp.content else None
 
     # -- images ---------------------------------------------------------------
@@ -92,7 +89,7 @@ class Client(BuildCalls, NodeCalls, DeployCalls, UserCalls):
             if phase:
                 phase(BUSY, None)
             time.sleep(wait)
-        _raise_for_reply(reply.status, reply.body)
+        raise_for_error(reply.status, reply.body)
         return dict(json.loads(reply.body))
 
     def push(self, path: str | Path, *, name: str, disk_format: str | None = None,
@@ -144,7 +141,7 @@ class Client(BuildCalls, NodeCalls, DeployCalls, UserCalls):
                                 timeout=self.timeout, progress=progress, sparse=self.sparse,
                                 context=self.context, phase=phase, converting=bool(format))
             reply = got.reply
-            _raise_for_reply(reply.status, reply.body)
+            raise_for_error(reply.status, reply.body)
             sent = reply.headers.get("x-rain-disk-format")
             if format and sent and sent != format and (format, sent) != ("raw", "iso"):
                 raise RainError(f"asked for {ref} as {format}, the server sent {sent}; "
@@ -173,7 +170,7 @@ class Client(BuildCalls, NodeCalls, DeployCalls, UserCalls):
                                   headers={"Range": f"bytes={start}-{end - 1}"})
         except httpx.TransportError as exc:
             raise RainError(f"cannot reach rain at {self.url}: {exc}") from None
-        _raise_for(resp)
+        raise_for_error(resp.status_code, resp.content)
         return resp.content
 
     def images(self, **filters: Any) -> dict[str, Any]:
@@ -294,24 +291,3 @@ def _retry_after(headers: dict[str, str]) -> float:
         return min(max(float(headers.get("retry-after", "5")), 1.0), 60.0)
     except ValueError:
         return 5.0
-
-
-def _raise_for(resp: httpx.Response) -> None:
-    _raise_for_reply(resp.status_code, resp.content)
-
-
-def _raise_for_reply(status: int, body: bytes) -> None:
-    if status < 400:
-        return
-    details: dict[str, Any] = {}
-    try:
-        err = json.loads(body)["error"]
-        code, message = str(err["code"]), str(err["message"])
-        details = {k: v for k, v in err.items() if k not in ("code", "message")}
-    except (ValueError, KeyError, TypeError, AttributeError):
-        code, message = "error", f"HTTP {status}: {body[:200].decode(errors='replace')}"
-    cls = ERRORS_BY_CODE.get(code, RainError)
-    exc = cls(message)
-    exc.details = details
-    exc.status = status
-    raise exc

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from rain.model.deploy import DeployOptions
+from rain.model.node import DeploymentStatus
+
 DeploymentUpdate = Callable[[dict[str, Any]], None]
-FINISHED = ("ready", "partial", "failed", "cancelled")
+FINISHED = tuple(str(s) for s in DeploymentStatus if s.finished)
+# The options as a script may give them: typed, or the API's JSON object (checked here,
+# so a bad one fails before anything is sent).
+Options = DeployOptions | Mapping[str, Any] | None
 
 
 class DeployCalls:
@@ -15,8 +21,7 @@ class DeployCalls:
         raise NotImplementedError
 
     def deploy(self, image: str, *, nodes: list[str] | None = None, all: bool = False,
-               count: int = 1, method: str | None = None,
-               options: dict[str, Any] | None = None,
+               count: int = 1, method: str | None = None, options: Options = None,
                policy: str | None = None) -> dict[str, Any]:
         """Start `count` instances of `image` on the named nodes (or all); returns the
         deployment at once — `follow_deployment` waits for it. `policy`: "spread" or
@@ -27,14 +32,16 @@ class DeployCalls:
         return self._deployment(image, nodes, all, method, options, **what)
 
     def prefetch(self, image: str, *, nodes: list[str] | None = None, all: bool = False,
-                 method: str | None = None,
-                 options: dict[str, Any] | None = None) -> dict[str, Any]:
+                 method: str | None = None, options: Options = None) -> dict[str, Any]:
         """Copy `image` into the nodes' caches without starting anything."""
         return self._deployment(image, nodes, all, method, options, prefetch=True)
 
     def _deployment(self, image: str, nodes: list[str] | None, all: bool, method: str | None,
-                    options: dict[str, Any] | None, **what: Any) -> dict[str, Any]:
-        body: dict[str, Any] = {"image": image, "all": all, "options": options or {}, **what}
+                    options: Options, **what: Any) -> dict[str, Any]:
+        if not isinstance(options, DeployOptions):
+            options = DeployOptions.from_json(dict(options or {}))
+        body: dict[str, Any] = {"image": image, "all": all, "options": options.to_json(),
+                                **what}
         if nodes:
             body["nodes"] = nodes
         if method:

@@ -28,10 +28,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import urlsplit
 
 import numpy as np
 
+from rain.client.connection import open_connection
 from rain.client.sparse import receive, runs, scan
 from rain.model.sparse import MEDIA_TYPE as SPARSE_TYPE
 from rain.model.sparse import SparseHeader
@@ -64,19 +64,6 @@ class Reply:
     body: bytes
 
 
-def _connect(url: str, timeout: float,
-             context: ssl.SSLContext | None = None) -> tuple[http.client.HTTPConnection, str]:
-    parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    conn: http.client.HTTPConnection
-    if parts.scheme == "https":
-        conn = http.client.HTTPSConnection(host, parts.port, timeout=timeout, context=context)
-    else:
-        conn = http.client.HTTPConnection(host, parts.port, timeout=timeout)
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
-    return conn, path
-
-
 def upload_file(url: str, path: Path, headers: dict[str, str], *, timeout: float,
                 progress: Progress | None = None, sparse: bool = True,
                 context: ssl.SSLContext | None = None, phase: Phase | None = None) -> Reply:
@@ -99,7 +86,7 @@ def upload_file(url: str, path: Path, headers: dict[str, str], *, timeout: float
 def _put(url: str, path: Path, headers: dict[str, str], timeout: float,
          progress: Progress | None, sparse: SparseHeader | None,
          context: ssl.SSLContext | None = None, phase: Phase | None = None) -> Reply:
-    conn, target = _connect(url, timeout, context)
+    conn, target = open_connection(url, timeout, context)
     size = Path(path).stat().st_size
     if phase:
         phase(SENDING, size)
@@ -181,7 +168,7 @@ def download_file(url: str, out: Path, headers: dict[str, str], *, timeout: floa
     is written and the reply carries the body. `converting`: the server makes
     the image in another format before it answers (the phase says so).
     """
-    conn, target = _connect(url, timeout, context)
+    conn, target = open_connection(url, timeout, context)
     try:
         accept = {"Accept": f"{SPARSE_TYPE}, application/octet-stream"} if sparse else {}
         if phase:

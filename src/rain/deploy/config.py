@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from rain.distribute.methods.bittorrent.config import BitTorrentConfig
 from rain.distribute.methods.multicast.method import MulticastConfig
+from rain.model.deploy import DEFAULT_STALL_SECONDS
 
 GiB = 1 << 30
 
@@ -24,8 +25,10 @@ class DistributeConfig:
     # image (0: as many as the fan-out, so every node's upload is used; 1: one tree).
     tree_fanout: int = 2
     tree_stripes: int = 0
-    # Seconds without progress after which a node's transfer counts as dead.
-    stall_seconds: float = 120.0
+    # Seconds without progress after which a transfer source (tree parent, peer, swarm)
+    # is given up on and an agent that does not answer is lost; a deployment's
+    # `stall_seconds` option overrides it (rain.model.deploy).
+    stall_seconds: float = DEFAULT_STALL_SECONDS
     # CA bundle to verify agents that serve HTTPS (private certificates); empty: system CAs.
     agent_ca: str = ""
     multicast: MulticastConfig = field(default_factory=MulticastConfig)

@@ -31,7 +31,7 @@ import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rain.deploy.auto import choose_method
@@ -52,6 +52,7 @@ from rain.model import (
     User,
 )
 from rain.model.clock import utcnow
+from rain.model.deploy import DeployOptions
 from rain.repo import Repository
 from rain.store import ZERO_DIGEST, ImageManifest
 
@@ -117,7 +118,7 @@ class Coordinator:
 
     # -- what the HTTP layer asks -------------------------------------------------------
     def deploy(self, viewer: User, image: Image, *, placements: list[Placement],
-               targets: list[str], method: str, options: dict[str, Any], prefetch: bool = False,
+               targets: list[str], method: str, options: DeployOptions, prefetch: bool = False,
                started: float | None = None,
                placement: dict[str, Any] | None = None) -> Deployment:
         """Record the deployment and start it; `targets` are all nodes that must hold the
@@ -128,7 +129,7 @@ class Coordinator:
         names = list(dict.fromkeys([*counts, *targets]))
         dep = self.records.new_deployment(
             viewer, image, method=method, count=sum(counts.values()), nodes=names,
-            options=options, prefetch=prefetch)
+            options=options.to_json(), prefetch=prefetch)
         run = DeploymentRun(self, dep, viewer, image, counts, names, method, options, started)
         run.placement = placement
         with self._lock:
@@ -208,7 +209,7 @@ class Coordinator:
 class DeploymentRun:
     def __init__(self, coordinator: Coordinator, deployment: Deployment, viewer: User,
                  image: Image, counts: dict[str, int], names: list[str], method: str,
-                 options: dict[str, Any], started: float) -> None:
+                 options: DeployOptions, started: float) -> None:
         self.c = coordinator
         self.side = coordinator.side
         self.deployment = deployment
@@ -217,7 +218,10 @@ class DeploymentRun:
         self.method = method
         self.chosen = method
         self.why = ""
-        self.options = dict(options)
+        # What was asked, with the server's stall limit when it asked for none: the
+        # nodes' methods and this run's wait for a silent agent use the same one.
+        self.options = options if options.stall_seconds is not None else \
+            replace(options, stall_seconds=float(self.side.config.stall_seconds))
         self.started = started
         self.peer_token = secrets.token_urlsafe(24)
         self.cancel = threading.Event()
@@ -354,13 +358,13 @@ class DeploymentRun:
             "image_id": self.image.id, "sha256": self.image.sha256,
             "disk_format": str(self.image.disk_format), "method": self.chosen, "plan": plan,
             "deployment": self.deployment.id, "peer_token": self.peer_token,
-            "options": self.options})
+            "options": self.options.to_json()})
         if status.get("cached"):
             # It got there since its last heartbeat (another deployment, a prefetch).
             p.source = str(TransferMethod.CACHE)
         total = None
         unreachable_since: float | None = None
-        stall = float(self.options.get("stall_seconds", self.side.config.stall_seconds))
+        stall = self.options.stall_timeout_seconds
         while status.get("state") == "fetching":
             if self.cancel.is_set():
                 with contextlib.suppress(RainError):
@@ -401,9 +405,9 @@ class DeploymentRun:
         ids = [f"{self.deployment.id[:8]}-{p.name}-{k}" for k in range(p.count)]
         self.c.records.add_instances(self.deployment, [(i, p.name, self.image.id) for i in ids])
         opts = self.options
-        items = [{"id": i, "image_id": self.image.id, "size": opts.get("size"),
-                  "copy": bool(opts.get("copy", False)),
-                  "ephemeral_size": opts.get("ephemeral_size")} for i in ids]
+        items = [{"id": i, "image_id": self.image.id, "size": opts.size_bytes,
+                  "copy": opts.copy, "ephemeral_size": opts.ephemeral_size_bytes}
+                 for i in ids]
         sent = time.time()
         results = agent.create_instances(items)
         now_mono, now_wall = time.monotonic(), time.time()

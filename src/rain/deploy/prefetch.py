@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import timedelta
-from typing import Any
 
 from rain.deploy.config import PrefetchConfig
 from rain.deploy.coordinator import Coordinator
 from rain.model import Deployment, ImageStatus
 from rain.model.clock import utcnow
+from rain.model.deploy import DeployOptions
 from rain.repo import Repository
 from rain.schedule import popular_images, prefetch_plan
 
@@ -77,7 +77,7 @@ class Prefetcher:
         by_image: dict[str, list[str]] = {}
         for order in orders:
             by_image.setdefault(order.image_id, []).append(order.node)
-        options: dict[str, Any] = {"max_rate": cfg.max_rate} if cfg.max_rate else {}
+        options = DeployOptions(max_rate_bytes_per_s=cfg.max_rate or None)
         started = []
         for image_id, nodes in by_image.items():
             image = images[image_id]

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rain.deploy.coordinator import Coordinator
-from rain.distribute.agentclient import AgentClient, AgentUnreachable
+from rain.distribute.agentclient import AgentClient
 from rain.model import (
     Deployment,
     InstanceRecord,
@@ -25,7 +25,8 @@ from rain.model import (
     TransferMethod,
     User,
 )
-from rain.model.units import parse_size
+from rain.model.deploy import DeployOptions
+from rain.model.errors import AgentUnreachable
 from rain.repo import Repository
 from rain.repo.access import require_user
 from rain.schedule import (
@@ -40,9 +41,6 @@ from rain.schedule import (
     weighers_for,
 )
 
-OPTIONS = {"size", "copy", "ephemeral_size", "fanout", "stripes", "encrypt", "rate",
-           "max_rate", "stall_seconds", "web_seed"}
-SIZE_OPTIONS = {"size", "ephemeral_size"}
 MAX_COUNT = 100_000
 
 
@@ -57,7 +55,7 @@ class DeploymentRequest:
     count: Any = None  # instances; None: 1 (a prefetch: 0)
     method: str | None = None  # None: the server's default_method
     policy: Any = None  # spread | pack | None (the server's [schedule] multipliers)
-    options: Any = None  # {name: value} of OPTIONS
+    options: DeployOptions = field(default_factory=DeployOptions)
     prefetch: bool = False  # only copy the image to the nodes
 
 
@@ -95,7 +93,6 @@ class DeploymentService:
         count = _count(req.count if req.count is not None else (0 if req.prefetch else 1),
                        req.prefetch)
         method = _method(req.method or c.side.config.default_method)
-        options = _options(req.options or {})
         policy = parse_policy(req.policy)
         states = _current(self.nodes.node_states(), c.in_flight(), r.catalog.live_instance_counts())
         targets = _targets(states, req.nodes, req.all_nodes)
@@ -116,7 +113,7 @@ class DeploymentService:
             names = [p.node for p in placements]
             placement = describe(self.schedule, policy)
         return c.deploy(me, image, placements=placements, targets=names, method=method,
-                        options=options, prefetch=req.prefetch, started=started,
+                        options=req.options, prefetch=req.prefetch, started=started,
                         placement=placement)
 
     def cancel(self, viewer: User | None, deployment_id: str) -> Deployment:
@@ -167,25 +164,6 @@ def _method(value: Any) -> str:
     if method is TransferMethod.CACHE:
         raise InvalidRequest("method 'cache' is what a deployment reports, not one to ask for")
     return str(method)
-
-
-def _options(options: Any) -> dict[str, Any]:
-    if not isinstance(options, dict):
-        raise InvalidRequest("options must be an object")
-    unknown = set(options) - OPTIONS
-    if unknown:
-        raise InvalidRequest(f"unknown options: {', '.join(sorted(unknown))}")
-    out = dict(options)
-    for key in SIZE_OPTIONS & set(out):
-        if out[key] is not None:
-            out[key] = parse_size(str(out[key]))
-    for key in ("fanout", "stripes"):
-        if key in out and (not isinstance(out[key], int) or not 1 <= out[key] <= 64):
-            raise InvalidRequest(f"{key} must be a whole number from 1 to 64")
-    for key in ("rate", "max_rate", "stall_seconds"):
-        if key in out and (not isinstance(out[key], int | float) or out[key] <= 0):
-            raise InvalidRequest(f"{key} must be a positive number")
-    return out
 
 
 def _targets(states: list[NodeState], nodes: Any, everyone: bool) -> set[str]:

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import ssl
 from typing import Any
 
 import httpx
 
-from rain.distribute.source import raise_for
-from rain.model.errors import RainError
-
-
-@functools.cache
-def _default_context() -> ssl.SSLContext:
-    """One context for all clients: loading the system CAs costs ~30 ms of CPU, and the
-    coordinator makes a client per node per deployment."""
-    return ssl.create_default_context()
-
-
-class AgentUnreachable(RainError):
-    """The node's agent did not answer (down, or the network between us is)."""
-
-    code = "agent_unreachable"
-    status = 502
+from rain.client.connection import json_session
+from rain.model.errors import AgentUnreachable
+from rain.model.wire import raise_for_error
 
 
 class AgentClient:
@@ -31,10 +17,8 @@ class AgentClient:
                  context: ssl.SSLContext | None = None) -> None:
         self.name = name
         self.address = address.rstrip("/")
-        verify = context if context is not None else _default_context()
-        self._http = httpx.Client(base_url=self.address, timeout=httpx.Timeout(timeout,
-                                  connect=5.0), headers={"Authorization": f"Bearer {key}"},
-                                  verify=verify)
+        self._http = json_session(self.address, key, timeout=timeout, connect_timeout=5.0,
+                                  context=context)
 
     def close(self) -> None:
         self._http.close()
@@ -53,7 +37,7 @@ class AgentClient:
         except httpx.TransportError as exc:
             raise AgentUnreachable(f"node {self.name} ({self.address}) did not answer: "
                                    f"{exc or type(exc).__name__}") from None
-        raise_for(resp.status_code, resp.content, f"node {self.name}")
+        raise_for_error(resp.status_code, resp.content, f"node {self.name}")
         return resp.json() if resp.content else None
 
     def fetch(self, request: dict[str, Any]) -> dict[str, Any]:

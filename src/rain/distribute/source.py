@@ -18,10 +18,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
+from rain.client.connection import open_connection, request_headers
 from rain.distribute.partial import BadChunk, PartialImage, TransferAborted
-from rain.model.errors import ERRORS_BY_CODE, InvalidImage, RainError
+from rain.model.errors import InvalidImage, RainError
+from rain.model.wire import raise_for_error
 from rain.store.manifest import DIGEST_LEN, ImageManifest
 
 MAX_RUN = 64 * 1024 * 1024  # bytes asked for in one Range request
@@ -73,29 +74,6 @@ class RateLimit:
             time.sleep(self._debt / self.rate)
 
 
-def connect(url: str, timeout: float,
-            context: ssl.SSLContext | None = None) -> tuple[http.client.HTTPConnection, str]:
-    """A connection to `url`'s host and the path prefix to put before request paths."""
-    parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    if parts.scheme == "https":
-        return (http.client.HTTPSConnection(host, parts.port, timeout=timeout, context=context),
-                parts.path.rstrip("/"))
-    return http.client.HTTPConnection(host, parts.port, timeout=timeout), parts.path.rstrip("/")
-
-
-def raise_for(status: int, body: bytes, what: str) -> None:
-    """The server's JSON error as rain's own exception (one line)."""
-    if status < 400:
-        return
-    try:
-        err = json.loads(body)["error"]
-        cls = ERRORS_BY_CODE.get(str(err["code"]), RainError)
-        raise cls(f"{what}: {err['message']}")
-    except (ValueError, KeyError, TypeError):
-        raise RainError(f"{what}: HTTP {status}: {body[:200].decode(errors='replace')}") from None
-
-
 def chunk_runs(partial: PartialImage, indices: Iterable[int],
                max_run: int = MAX_RUN) -> Iterator[list[int]]:
     """Consecutive missing chunk indices, grouped into runs of at most `max_run` bytes."""
@@ -127,14 +105,11 @@ class RepoSource:
         self._prefix = ""
 
     def _headers(self) -> dict[str, str]:
-        h = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        if self.deployment:
-            h["X-Rain-Deployment"] = self.deployment
-        return h
+        return request_headers(self.token, **{"X-Rain-Deployment": self.deployment})
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
-            self._conn, self._prefix = connect(self.url, self.timeout, self.context)
+            self._conn, self._prefix = open_connection(self.url, self.timeout, self.context)
         return self._conn
 
     def close(self) -> None:
@@ -159,7 +134,7 @@ class RepoSource:
         except (OSError, http.client.HTTPException) as exc:
             self.close()
             raise RainError(f"cannot reach the repository at {self.url}: {exc}") from None
-        raise_for(resp.status, body, f"manifest of {image_id}")
+        raise_for_error(resp.status, body, f"manifest of {image_id}")
         try:
             data = json.loads(body)
             raw = base64.b64decode(data["chunks"])
@@ -229,7 +204,7 @@ class RepoSource:
             body = resp.read()
             if resp.status == 200:
                 raise RainError(f"the repository ignored a Range request for {image_id}")
-            raise_for(resp.status, body, f"download of {image_id}")
+            raise_for_error(resp.status, body, f"download of {image_id}")
         buf = bytearray(cs)
         for i in run:
             n = partial.chunk_length(i)

@@ -131,6 +131,13 @@ class ImageRebuilding(Unavailable):
         return str(self.details.get("build_id") or "")
 
 
+class AgentUnreachable(RainError):
+    """A node's agent did not answer (down, or the network between us is)."""
+
+    code = "agent_unreachable"
+    status = 502
+
+
 class StoreCorruption(RainError):
     """Data read back from the store does not match its digest."""
 
@@ -174,6 +181,7 @@ ERRORS_BY_CODE: dict[str, type[RainError]] = {
         Unsupported,
         Unavailable,
         ImageRebuilding,
+        AgentUnreachable,
         StoreCorruption,
         ToolFailed,
         BuildCancelled,

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from rain.distribute.partial import PartialImage
 from rain.distribute.source import RepoSource, TransferStats
 from rain.model import DiskFormat, InvalidRequest
+from rain.model.deploy import DeployOptions
 from rain.store.manifest import ImageManifest
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ class FetchContext:
     host: str = ""  # this node's own address (where its agent listens)
     local: LocalChunks | None = None
     log: Callable[[str], None] = print
-    options: dict[str, Any] = field(default_factory=dict)  # the deployment's options
+    options: DeployOptions = field(default_factory=DeployOptions)  # the deployment's
 
 
 class NodeMethod(Protocol):
@@ -167,7 +168,7 @@ class DeploymentJob:
     manifest_id: str
     nodes: list[NodeTarget]  # the nodes that need the image
     peer_token: str
-    options: dict[str, Any]
+    options: DeployOptions
     seed_file: Callable[[], Path]  # the image as a file on the repository (made on first call)
     workdir: Path  # scratch space on the repository for this deployment
     server: RepoSide

@@ -276,7 +276,7 @@ class Transfer:
         ctx, plan = self.ctx, self.plan
         partial = ctx.partial
         have = zero_pieces(ctx.manifest, self.piece_size)
-        mode = str(ctx.options.get("web_seed", plan["web_seed"].get("mode", "stall")))
+        mode = ctx.options.web_seed or str(plan["web_seed"].get("mode", "stall"))
         held = self.node.add(
             ctx.image_id, self.torrent, self.info_hash, partial.path,
             trackers=[self._url(plan["tracker"])] if plan.get("tracker") else [],
@@ -292,7 +292,7 @@ class Transfer:
         rescued = not striped
         if first is not None:
             held.handle.connect_peer(first)
-        stall = float(ctx.options.get("stall_seconds", 120))
+        stall = ctx.options.stall_timeout_seconds
         web_after = float(plan["web_seed"].get("after", 20.0))
         rescue_after = float(plan["seeder"].get("rescue_after", 5.0))
         started = time.monotonic()

@@ -45,16 +45,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from rain.client.connection import open_connection, request_headers
 from rain.distribute.agentclient import AgentClient
 from rain.distribute.methods.base import DeploymentJob, FetchContext
 from rain.distribute.partial import BadChunk, PartialImage, TransferAborted
-from rain.distribute.source import connect
 from rain.model.errors import InvalidRequest, RainError
 
 logger = logging.getLogger(__name__)
 
 OWNER_WAIT_SECONDS = 15.0
-DEFAULT_STALL_SECONDS = 30.0
 MAX_HOLDERS = 8  # nodes caching the image that one plan lists
 GRANT_TIMEOUT = 5.0  # seconds a holder has to agree to serve a deployment
 POLL = 0.25
@@ -80,17 +79,15 @@ class ChunksCoordinator:
 
     def prepare(self, job: DeploymentJob) -> dict[str, dict[str, Any]]:
         deploying = {n.name for n in job.nodes}
-        try:
-            max_holders = int(job.options.get("max_holders", MAX_HOLDERS))
-            wait = float(job.options.get("owner_wait_seconds", OWNER_WAIT_SECONDS))
-        except (TypeError, ValueError):
-            raise InvalidRequest("chunks options max_holders and owner_wait_seconds must be "
-                                 "numbers") from None
+        opts = job.options
+        max_holders = MAX_HOLDERS if opts.max_holders is None else opts.max_holders
+        wait = OWNER_WAIT_SECONDS if opts.owner_wait_seconds is None else \
+            opts.owner_wait_seconds
         assert job.server.nodes is not None, "the coordinator sets the nodes"
         candidates = sorted(
             s.name for s in job.server.nodes.node_states()
              if s.up and s.address and job.image.id in s.cached and s.name not in deploying)
-        holders = authorise_holders(job, candidates[:max(0, max_holders)])
+        holders = authorise_holders(job, candidates[:max_holders])
         holder_list = [{"name": name, "url": url.rstrip("/")} for name, url in holders]
         partners = [{"name": n.name, "url": n.address.rstrip("/")} for n in job.nodes]
         # Holders are not part of the deployment: they serve its image to its nodes
@@ -210,12 +207,12 @@ class _Peers:
         conns: dict[str, tuple[http.client.HTTPConnection, str]] = \
             self._local.__dict__.setdefault("conns", {})
         if peer.name not in conns:
-            conns[peer.name] = connect(peer.url, self.timeout, self.ctx.repo.context)
+            conns[peer.name] = open_connection(peer.url, self.timeout, self.ctx.repo.context)
             with self._lock:
                 self._all.append(conns[peer.name][0])
         conn, prefix = conns[peer.name]
         conn.request("GET", prefix + CHUNK_BY_DIGEST_PATH.format(digest=digest.hex()),
-                     headers={"Authorization": f"Bearer {self.ctx.peer_token}"})
+                     headers=request_headers(self.ctx.peer_token))
         resp = conn.getresponse()
         if resp.status == 404 or (resp.status == 403 and partner):
             resp.read()
@@ -266,7 +263,7 @@ class _Fetch:
         self.ctx = ctx
         self.partial: PartialImage = ctx.partial
         self.partners, self.holders, self.owner_wait = _parse_plan(ctx.plan, ctx.node)
-        stall = float(ctx.options.get("stall_seconds", DEFAULT_STALL_SECONDS))
+        stall = ctx.options.stall_timeout_seconds
         self.peers = _Peers(ctx, stall)
         # One representative index per missing digest; the others are copies of it.
         self.first: dict[bytes, int] = {}

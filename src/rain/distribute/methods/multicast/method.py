@@ -201,7 +201,7 @@ class MulticastCoordinator:
             return {n.name: dict(plan) for n in job.nodes}
         tool = udpcast.require(cfg.sender)
         interface, address = sender_interface(job)
-        rate = job.options.get("rate") or cfg.rate
+        rate = job.options.rate_bytes_per_s or cfg.rate
         bitrate = max_bitrate(float(rate) if rate else None, cfg)
         udpcast.fec_overhead(cfg.fec)  # a bad setting fails here, not in udp-sender
         feed = self._feeder(job, cfg, order)

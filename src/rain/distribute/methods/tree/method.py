@@ -39,16 +39,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from rain.client.connection import open_connection, request_headers
 from rain.distribute.methods.base import DeploymentJob, FetchContext
 from rain.distribute.methods.tree.peer import CHUNKS_PATH, read_frames, stripe_indices
 from rain.distribute.partial import BadChunk, TransferAborted
-from rain.distribute.source import RepoSource, connect
+from rain.distribute.source import RepoSource
 from rain.model.errors import InvalidRequest, RainError
 
 REPOSITORY = "repository"  # the source name (and URL) the plan uses for the repository
 DEFAULT_UNIT = 4  # chunks per stripe unit when there is more than one stripe (1 MiB)
-MAX_UNIT = 64
-DEFAULT_STALL_SECONDS = 30.0
 # A parent that does not know the image yet (404, 503) or this deployment's peer token
 # (403: the coordinator sends every node its request at the same time, so a child can be
 # quicker than its parent's own request): ask again, up to the stall limit.
@@ -172,27 +171,16 @@ def tree_plans(layout: Layout, addresses: Mapping[str, str],
     return plans
 
 
-def _int_option(options: Mapping[str, Any], key: str, default: int, low: int,
-                high: int) -> int:
-    value = options.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidRequest(f"tree option {key!r} must be a whole number from {low} to "
-                             f"{high}, not {value!r}")
-    return value
-
-
 # -- the repository side --------------------------------------------------------------------
 class TreeCoordinator:
     name: ClassVar[str] = "tree"
 
     def prepare(self, job: DeploymentJob) -> dict[str, dict[str, Any]]:
         config = job.server.config
-        fanout = _int_option(job.options, "fanout", int(config.tree_fanout), 1, 64)
-        stripes = _int_option(job.options, "stripes", int(config.tree_stripes), 0, 64) or fanout
-        unit = _int_option(job.options, "stripe_unit", DEFAULT_UNIT if stripes > 1 else 1, 1,
-                           MAX_UNIT)
+        opts = job.options
+        fanout = opts.fanout or int(config.tree_fanout)
+        stripes = opts.stripes or int(config.tree_stripes) or fanout
+        unit = opts.stripe_unit or (DEFAULT_UNIT if stripes > 1 else 1)
         names = [n.name for n in job.nodes]
         layout = tree_layout(names, fanout, stripes)
         plans = tree_plans(layout, {n.name: n.address for n in job.nodes}, fanout=fanout,
@@ -287,7 +275,7 @@ class _StripeFetch:
         self.indices = sorted(i for w in self.wires for i in stripe_indices(ctx.partial, w, of))
         self.repos = repos
         self.cancel = cancel  # set when the whole fetch stops (cancelled, or failed elsewhere)
-        stall = float(ctx.options.get("stall_seconds", DEFAULT_STALL_SECONDS))
+        stall = ctx.options.stall_timeout_seconds
         # Deeper nodes wait longer before they give up on a parent, so when a node goes
         # silent its children (not its grandchildren, whose parents are only waiting for
         # it) are the ones that move, and the subtree below them keeps its shape.
@@ -374,7 +362,7 @@ class _StripeFetch:
             return
         start = todo[0]
         expected = [i for i in mine if i >= start]
-        conn, prefix = connect(source.url, self.stall, self.ctx.repo.context)
+        conn, prefix = open_connection(source.url, self.stall, self.ctx.repo.context)
         socks: list[socket.socket] = []
         resp: http.client.HTTPResponse | None = None
         try:
@@ -406,7 +394,7 @@ class _StripeFetch:
               socks: list[socket.socket]) -> http.client.HTTPResponse:
         path = prefix + CHUNKS_PATH.format(image_id=self.ctx.image_id) + \
             f"?stripe={wire}&of={self.of}&from={start}"
-        headers = {"Authorization": f"Bearer {self.ctx.peer_token}"}
+        headers = request_headers(self.ctx.peer_token)
         deadline = time.monotonic() + self.stall
         while True:
             conn.request("GET", path, headers=headers)
