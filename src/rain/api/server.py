@@ -31,6 +31,7 @@ from rain.repo import Repository
 
 def open_repository(cfg: Config) -> tuple[Repository, Catalog]:
     """The repository and its database, which the deploy side keeps its tables in."""
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)  # a SQLite catalog may live in it
     catalog = Catalog(cfg.db_url)
     return Repository.over(catalog, cfg.data_dir, cfg.store, cfg.repo), catalog
 

@@ -108,6 +108,7 @@ class Repository(PurgeAndRebuild, ImageDistribution, Credentials):
     @classmethod
     def open(cls, data_dir: Path, db_url: str, store_config: StoreConfig | None = None,
              config: RepoConfig | None = None) -> Repository:
+        data_dir.mkdir(parents=True, exist_ok=True)  # a SQLite catalog may live in it
         return cls.over(Catalog(db_url), data_dir, store_config, config)
 
     @classmethod
