@@ -330,7 +330,7 @@ def test_without_a_builder_builds_are_501(tmp_path: Path) -> None:
     repo = Repository.open(tmp_path / "data", f"sqlite:///{tmp_path / 'c.db'}")
     try:
         token = repo.bootstrap_admin()
-        with TestClient(create_app(repo)) as http:
+        with TestClient(create_app(repo, catalog=repo.catalog)) as http:
             r = http.post("/v1/builds", json={"template": template("x")},
                           headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 501 and r.json()["error"]["code"] == "not_implemented"

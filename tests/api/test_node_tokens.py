@@ -164,7 +164,7 @@ def test_the_asgi_download_route_applies_the_same_grant(setup: Setup) -> None:
     running = deployment(setup, setup.deployed, "nt-alice", ["nt-a"])
     repo = server_repo(setup.server)
     try:
-        with TestClient(create_app(repo)) as http:
+        with TestClient(create_app(repo, catalog=repo.catalog)) as http:
             path = f"/v1/images/{setup.deployed['id']}/file"
             auth = {"Authorization": f"Bearer {setup.node_a}", "Range": "bytes=0-1023"}
             ok = http.get(path, headers={**auth, "X-Rain-Deployment": running})

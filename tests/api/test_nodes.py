@@ -338,7 +338,7 @@ def test_activation_hooks_see_the_active_image(repo: Repository, tmp_path: Path)
     # a rebuild makes a purged image active again: the hooks hear of it, and the old
     # content's torrent is gone before they do
     repo.catalog.update_image(first.id, template_text="name: hooked\nfrom: debian/12\n")
-    repo.store_torrent(first.id, "a" * 40, 1 << 18, b"old torrent")
+    repo.save_torrent(first.id, "a" * 40, 1 << 18, b"old torrent")
     repo.purge(alice, first.id)
     rebuilt = repo.restore_file(alice, first.id, make_raw(tmp_path / "b.raw", size=1 << 20,
                                                           seed=9))
@@ -355,7 +355,7 @@ def test_torrents_and_manifests_need_pullable_images(repo: Repository, tmp_path:
     repo.upload_file(alice, image.id, make_raw(tmp_path / "t.raw", size=1 << 20))
     with pytest.raises(NotFound, match="has no torrent yet"):
         repo.torrent_for(alice, image.id)
-    repo.store_torrent(image.id, "c" * 40, 1 << 18, b"d8:announce...e")
+    repo.save_torrent(image.id, "c" * 40, 1 << 18, b"d8:announce...e")
     got, info_hash, piece, data = repo.torrent_for(alice, "tor")
     assert (got.id, info_hash, piece, data) == (image.id, "c" * 40, 1 << 18, b"d8:announce...e")
     with pytest.raises(NotFound):

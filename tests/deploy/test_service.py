@@ -42,7 +42,7 @@ def report(name: str, address: str = "http://198.18.0.11:8481") -> dict[str, Any
 def world(tmp_path: Path) -> Iterator[World]:
     repo = Repository.open(tmp_path / "data", f"sqlite:///{tmp_path / 'c.db'}")
     coordinator = Coordinator(repo, RepoSide(repo, DistributeConfig(), "127.0.0.1", 0,
-                                             tmp_path / "side"))
+                                             tmp_path / "side"), repo.catalog)
     service = DeploymentService(repo, coordinator, ScheduleConfig())
     admin, _ = repo.local_create_user("root", admin=True)
     alice, _ = repo.local_create_user("alice")

@@ -250,8 +250,9 @@ def data_piece_bytes(w: World) -> int:
 
 # -- the torrent ---------------------------------------------------------------------------
 def test_torrent_is_private_v1_with_big_pieces_and_a_stable_info_hash(world: World) -> None:
-    data, info_hash = make_torrent(world.repo.store, world.manifest, world.image.id)
-    again, same = make_torrent(world.repo.store, world.manifest, world.image.id)
+    reader = world.repo.chunk_reader(world.manifest, world.image.id)
+    data, info_hash = make_torrent(reader, world.image.id)
+    again, same = make_torrent(reader, world.image.id)
     assert (again, same) == (data, info_hash)
     ti = lt.torrent_info(data)
     assert ti.priv()

@@ -41,7 +41,7 @@ from rain.distribute.source import RepoSource, TransferStats
 from rain.model import DiskFormat, InvalidRequest, ToolFailed
 from rain.model.deploy import DeployOptions
 from rain.repo.convert import store_file
-from rain.store import ChunkStore, StoreConfig
+from rain.store import ChunkStore, ImageReader, StoreConfig
 from rain.store.backends.fs import FilesystemBackend
 from rain.store.manifest import ZERO_DIGEST, ImageManifest
 from tests.distribute.conftest import CHUNK, RepoImage
@@ -224,7 +224,10 @@ class Deployment:
 
     def prepare(self, nodes: tuple[str, ...], options: dict[str, Any] | None = None,
                 host: str = "") -> None:
-        side = RepoSide(repo=cast(Any, SimpleNamespace(store=self.store)),
+        store = self.store
+        chunks = SimpleNamespace(chunk_reader=lambda m, image_id="": ImageReader(
+            cast(ChunkStore, store), m, image=image_id))  # Repository.chunk_reader's part
+        side = RepoSide(repo=cast(Any, chunks),
                         config=SimpleNamespace(multicast=self.cfg),
                         host=host or self.net.addr("repo"), port=0, data_dir=self.work)
         m = self.image.manifest

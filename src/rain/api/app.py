@@ -19,6 +19,7 @@ from rain.api import (
     users,
 )
 from rain.build.jobs import BuildQueue
+from rain.catalog import Catalog
 from rain.deploy.config import DistributeConfig
 from rain.deploy.coordinator import Coordinator
 from rain.deploy.service import DeploymentService
@@ -30,9 +31,11 @@ from rain.schedule.policy import check_config
 
 def create_app(repository: Repository, build_queue: BuildQueue | None = None,
                coordinator: Coordinator | None = None,
-               schedule: ScheduleConfig | None = None) -> FastAPI:
+               schedule: ScheduleConfig | None = None, *,
+               catalog: Catalog | None = None) -> FastAPI:
     """The app; without a build queue, one that cannot build (501) is made; without a
-    coordinator, one for a server on loopback; placement by `schedule` (or the defaults)."""
+    coordinator, one for a server on loopback keeping nodes and deployments in `catalog`
+    (the repository's database); placement by `schedule` (or the defaults)."""
     # /docs and /redoc from files shipped in the fastapi-offline package, not a CDN: they
     # work on a machine without Internet access. No validator badge (another site).
     app = FastAPIOffline(
@@ -50,9 +53,11 @@ def create_app(repository: Repository, build_queue: BuildQueue | None = None,
         repository.rebuilder = build_queue
     app.state.builds = build_queue
     if coordinator is None:
+        if catalog is None:
+            raise TypeError("create_app needs a coordinator, or the catalog to make one over")
         coordinator = Coordinator(repository, RepoSide(repository, DistributeConfig(),
                                                        "127.0.0.1", 0,
-                                                       repository.work_dir.parent))
+                                                       repository.work_dir.parent), catalog)
     app.state.coordinator = coordinator
     app.state.deployments = DeploymentService(repository, coordinator, app.state.schedule)
     app.state.distribution = coordinator.side

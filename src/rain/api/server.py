@@ -19,6 +19,7 @@ from collections.abc import Callable
 from rain.api.app import create_app
 from rain.api.memory import tune_malloc
 from rain.build.jobs import BuildQueue, load_runner
+from rain.catalog import Catalog
 from rain.config import Config
 from rain.deploy.coordinator import Coordinator
 from rain.deploy.prefetch import Prefetcher
@@ -28,8 +29,11 @@ from rain.model import Image
 from rain.repo import Repository
 
 
-def open_repository(cfg: Config) -> Repository:
-    return Repository.open(cfg.data_dir, cfg.db_url, cfg.store, cfg.repo)
+def open_repository(cfg: Config) -> tuple[Repository, Catalog]:
+    """The repository and its database, which the deploy side keeps its tables in."""
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)  # a SQLite catalog may live in it
+    catalog = Catalog(cfg.db_url)
+    return Repository.over(catalog, cfg.data_dir, cfg.store, cfg.repo), catalog
 
 
 # Seconds `rain serve` waits, once told to stop, for the uploads it stopped to wind down
@@ -48,12 +52,12 @@ def start_builds(repo: Repository, cfg: Config) -> BuildQueue:
     return queue
 
 
-def start_distribution(repo: Repository, cfg: Config, host: str,
+def start_distribution(repo: Repository, catalog: Catalog, cfg: Config, host: str,
                        port: int) -> tuple[Coordinator, Prefetcher]:
     """The deployment coordinator (with what the transfer methods hook into the
-    repository) and the popularity prefetcher."""
+    repository; nodes and deployments in `catalog`) and the popularity prefetcher."""
     side = RepoSide(repo, cfg.distribute, host, port, cfg.data_dir)
-    coordinator = Coordinator(repo, side)
+    coordinator = Coordinator(repo, side, catalog)
     for hook in activation_hooks(repo, cfg):
         repo.activation_hooks.append(hook)
     prefetcher = Prefetcher(repo, coordinator, cfg.prefetch)
@@ -80,9 +84,9 @@ def run(cfg: Config, host: str, port: int, server: str = "native") -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s "
                         "%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    repo = open_repository(cfg)
+    repo, catalog = open_repository(cfg)
     builds = start_builds(repo, cfg)
-    coordinator, prefetcher = start_distribution(repo, cfg, host, port)
+    coordinator, prefetcher = start_distribution(repo, catalog, cfg, host, port)
     app = create_app(repo, builds, coordinator, cfg.schedule)
     try:
         if server == "uvicorn":

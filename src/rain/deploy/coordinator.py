@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from rain.catalog import Catalog
 from rain.deploy.auto import choose_method
 from rain.deploy.nodes import NodeRegistry
 from rain.deploy.records import DeploymentRecords
@@ -54,7 +55,7 @@ from rain.model import (
 from rain.model.clock import utcnow
 from rain.model.deploy import DeployOptions
 from rain.repo import Repository
-from rain.store import ZERO_DIGEST, ImageManifest
+from rain.store.manifest import ZERO_DIGEST, ImageManifest
 
 log = logging.getLogger("rain.deploy")
 POLL_SECONDS = 1.0
@@ -98,11 +99,12 @@ def _r(value: float | None) -> float | None:
 class Coordinator:
     """Runs deployments for one repository server."""
 
-    def __init__(self, repo: Repository, side: RepoSide) -> None:
+    def __init__(self, repo: Repository, side: RepoSide, catalog: Catalog) -> None:
         self.repo = repo  # side.repo, with what the coordinator records beyond the methods
-        # Nodes and deployments live in the repository's catalog, but are this side's.
-        self.nodes = NodeRegistry(repo.catalog, repo.config)
-        self.records = DeploymentRecords(repo.catalog)
+        # Nodes and deployments live in the repository's database (`catalog`, handed over
+        # by the server that opened it), but are this side's.
+        self.nodes = NodeRegistry(catalog, repo.config)
+        self.records = DeploymentRecords(catalog)
         self.side = side
         side.nodes = self.nodes
         self.seeds = SeedFiles(side.data_dir / "seeds", side.config.seed_dir_bytes)
@@ -254,10 +256,10 @@ class DeploymentRun:
                 if not p.needs_image:
                     p.source = str(TransferMethod.CACHE)
             need = [n for n, p in self.nodes.items() if p.needs_image]
-            manifest_id = repo.catalog.manifest_id(self.image.id)
+            manifest_id = repo.manifest_id_of(self.image.id)
             if manifest_id is None:
                 raise RainError(f"image {self.image.id} has no stored data")
-            manifest = repo.store.get_manifest(manifest_id)
+            manifest = repo.load_manifest(manifest_id)
             # A seed file made for this deployment stays while it runs.
             stack.enter_context(self.c.seeds.use(manifest.sha256))
             self.chosen, self.why = choose_method(
@@ -268,7 +270,8 @@ class DeploymentRun:
                     manifest_id=manifest_id,
                     nodes=[NodeTarget(n, *self.c.nodes.agent_endpoint(n)) for n in need],
                     peer_token=self.peer_token, options=self.options,
-                    seed_file=lambda: self.c.seeds.path(repo.store, manifest, self.image.id),
+                    seed_file=lambda: self.c.seeds.path(
+                        manifest, lambda p: repo.write_sparse(manifest, p, self.image.id)),
                     workdir=self.c.work / self.deployment.id, server=self.side,
                     log=lambda msg: log.info("deployment %s: %s", self.deployment.id[:8], msg))
                 job.workdir.mkdir(parents=True, exist_ok=True)
@@ -328,7 +331,7 @@ class DeploymentRun:
                     self._fetch(agent, p, plan)
                     # Placement and `auto` see it before the node's next heartbeat.
                     try:
-                        self.c.repo.catalog.note_cached(name, self.image.id)
+                        self.c.nodes.note_cached(name, self.image.id)
                     except Exception:
                         log.exception("deployment %s: noting %s cached on %s failed",
                                       self.deployment.id[:8], self.image.id, name)
@@ -394,11 +397,9 @@ class DeploymentRun:
         p.fetched_s = self.elapsed()
         # One usage record per node and deployment (its Range requests are not logged).
         with contextlib.suppress(Exception):
-            self.c.repo.catalog.record_usage(
-                self.image.id, self.viewer.id, "deploy",
-                int(p.stats.get("repo_bytes", 0)) + int(p.stats.get("peer_bytes", 0)),
-                utcnow())
-            self.c.repo.catalog.record_access(self.image.id, utcnow())
+            self.c.repo.record_deploy(
+                self.image.id, self.viewer,
+                int(p.stats.get("repo_bytes", 0)) + int(p.stats.get("peer_bytes", 0)))
 
     def _instances(self, agent: AgentClient, p: NodeProgress) -> None:
         p.state = "creating"
@@ -515,7 +516,7 @@ def _first_error(report: dict[str, Any]) -> str | None:
     return f"node {node}: {message}{more}"
 
 
-def _overlap(repo: Any, manifest: ImageManifest, state: NodeState | None) -> float:
+def _overlap(repo: Repository, manifest: ImageManifest, state: NodeState | None) -> float:
     """Fraction of the image's data bytes the node already holds in other cached images."""
     if state is None or not state.cached:
         return 0.0
@@ -526,10 +527,5 @@ def _overlap(repo: Any, manifest: ImageManifest, state: NodeState | None) -> flo
     total = sum(want.values())
     if not total:
         return 1.0
-    have: set[bytes] = set()
-    for image_id in state.cached:
-        with contextlib.suppress(Exception):
-            mid = repo.catalog.manifest_id(image_id)
-            if mid:
-                have |= repo.store.get_manifest(mid).unique_digests()
+    have = repo.chunk_digests(state.cached)
     return sum(n for d, n in want.items() if d in have) / total

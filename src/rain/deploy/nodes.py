@@ -170,3 +170,8 @@ class NodeRegistry:
     def agent_endpoint(self, name: str) -> tuple[str, str]:
         """(address, agent key) to call node `name`'s agent with."""
         return self.catalog.get_node(name).address, self.catalog.node_agent_key(name)
+
+    def note_cached(self, name: str, image_id: str) -> None:
+        """A deployment verified `image_id` on node `name`: placement and `auto` see it
+        before the node's next heartbeat."""
+        self.catalog.note_cached(name, image_id)

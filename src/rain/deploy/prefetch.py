@@ -60,16 +60,17 @@ class Prefetcher:
             return []
         cfg = self.config
         now = utcnow()
-        times = self.repo.catalog.deployment_times(now - timedelta(seconds=cfg.window_seconds))
+        since = now - timedelta(seconds=cfg.window_seconds)
+        times = self.coordinator.records.deployment_times(since)
         popular = popular_images(times, cfg.window_seconds, cfg.top_k, now=now)
-        images = {}
+        images, owners = {}, {}
         for image_id in popular:
             try:
-                image = self.repo.catalog.get_image(image_id)
+                image, owner = self.repo.image_with_owner(image_id)
             except Exception:
                 continue
             if image.status == ImageStatus.ACTIVE and image.size:
-                images[image_id] = image
+                images[image_id], owners[image_id] = image, owner
         states = self.coordinator.nodes.node_states()
         orders = prefetch_plan([i for i in popular if i in images], states, cfg.max_per_node,
                                cfg.budget_bytes, {i: int(im.size or 0)
@@ -80,8 +81,7 @@ class Prefetcher:
         options = DeployOptions(max_rate_bytes_per_s=cfg.max_rate or None)
         started = []
         for image_id, nodes in by_image.items():
-            image = images[image_id]
-            owner = self.repo.catalog.get_user(image.owner)
+            image, owner = images[image_id], owners[image_id]
             dep = self.coordinator.deploy(owner, image, placements=[], targets=sorted(nodes),
                                           method="auto", options=options, prefetch=True)
             log.info("prefetching %s (%s) to %s", image.name, image_id, ", ".join(nodes))

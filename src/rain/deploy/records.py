@@ -9,6 +9,7 @@ checked.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 from rain.catalog import Catalog, is_id_prefix, unique_prefix
@@ -59,6 +60,11 @@ class DeploymentRecords:
         """Internal: status, report, error, nodes, finished (see Catalog.update_deployment)."""
         return self.catalog.update_deployment(deployment_id, **fields)
 
+    def deployment_times(self, since: datetime) -> list[tuple[str, datetime]]:
+        """Internal: (image id, created) of every deployment since `since` but prefetches,
+        oldest first (what the prefetcher counts)."""
+        return self.catalog.deployment_times(since)
+
     def get_deployment(self, viewer: User | None, deployment_id: str) -> Deployment:
         """The viewer's deployment (admins: any), by id or unique id prefix."""
         user = require_user(viewer)
@@ -104,6 +110,11 @@ class DeploymentRecords:
     def set_instance(self, instance_id: str, **fields: Any) -> InstanceRecord:
         """Internal: status, disk, error, ready (see Catalog.update_instance)."""
         return self.catalog.update_instance(instance_id, **fields)
+
+    def live_instance_counts(self) -> dict[str, int]:
+        """Internal: instances being made or ready, per node (what placement counts before
+        the nodes' next heartbeats)."""
+        return self.catalog.live_instance_counts()
 
     def list_instances(self, viewer: User | None, *, node: str | None = None,
                        deployment: str | None = None,

@@ -13,12 +13,11 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from rain.repo.convert import materialize
-from rain.store import ChunkStore, ImageManifest
+from rain.store.manifest import ImageManifest
 
 TMP = ".tmp-"
 
@@ -35,8 +34,9 @@ class SeedFiles:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
-    def path(self, store: ChunkStore, manifest: ImageManifest, image_id: str) -> Path:
-        """The image as a file (made now if it is not there yet)."""
+    def path(self, manifest: ImageManifest, write: Callable[[Path], None]) -> Path:
+        """The image as a file (made now by `write`, e.g. Repository.write_sparse, if it
+        is not there yet)."""
         final = self.root / manifest.sha256
         with self._lock:
             lock = self._making.setdefault(manifest.sha256, threading.Lock())
@@ -46,7 +46,7 @@ class SeedFiles:
                 return final
             tmp = self.root / f"{TMP}{manifest.sha256}.{os.getpid()}.{threading.get_ident()}"
             try:
-                materialize(store, manifest, tmp, image_id)
+                write(tmp)
                 os.replace(tmp, final)
             finally:
                 with contextlib.suppress(FileNotFoundError):

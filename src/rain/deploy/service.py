@@ -94,7 +94,8 @@ class DeploymentService:
                        req.prefetch)
         method = _method(req.method or c.side.config.default_method)
         policy = parse_policy(req.policy)
-        states = _current(self.nodes.node_states(), c.in_flight(), r.catalog.live_instance_counts())
+        states = _current(self.nodes.node_states(), c.in_flight(),
+                          self.records.live_instance_counts())
         targets = _targets(states, req.nodes, req.all_nodes)
         if req.prefetch:
             down = [s.name for s in states if s.name in targets and not s.up]

@@ -108,9 +108,17 @@ class Repository(PurgeAndRebuild, ImageDistribution, Credentials):
     @classmethod
     def open(cls, data_dir: Path, db_url: str, store_config: StoreConfig | None = None,
              config: RepoConfig | None = None) -> Repository:
+        data_dir.mkdir(parents=True, exist_ok=True)  # a SQLite catalog may live in it
+        return cls.over(Catalog(db_url), data_dir, store_config, config)
+
+    @classmethod
+    def over(cls, catalog: Catalog, data_dir: Path, store_config: StoreConfig | None = None,
+             config: RepoConfig | None = None) -> Repository:
+        """The repository over a database its opener keeps a handle on: the server hands
+        the same one to rain.deploy, whose tables the nodes and deployments are."""
         data_dir.mkdir(parents=True, exist_ok=True)
         store = ChunkStore(FilesystemBackend(data_dir / "store"), store_config)
-        return cls(Catalog(db_url), store, config or RepoConfig(), data_dir / "tmp")
+        return cls(catalog, store, config or RepoConfig(), data_dir / "tmp")
 
     def close(self) -> None:
         self.catalog.close()

@@ -37,7 +37,7 @@ from rain.store.manifest import ImageManifest
 
 if TYPE_CHECKING:
     from rain.model import Image, NodeState
-    from rain.store import ChunkStore
+    from rain.store.stream import ImageReader
 
 METHODS = ("http", "tree", "multicast", "bittorrent", "chunks")
 
@@ -89,28 +89,27 @@ class NodeMethod(Protocol):
         ...
 
 
-class TorrentRecords(Protocol):
-    """The image records the BitTorrent method reads (the repository's catalog)."""
-
-    def manifest_id(self, image_id: str) -> str | None: ...
-
-    def get_torrent(self, image_id: str) -> tuple[str, int, bytes] | None: ...
-
-
 class ImageRepository(Protocol):
     """What the repository halves of the methods use of the repository server's
-    `rain.repo.Repository`, named here so that no method imports the repository or
-    its database."""
+    `rain.repo.Repository`, named here so that no method imports the repository, its
+    database or its chunk store."""
 
-    @property
-    def store(self) -> ChunkStore: ...
+    def manifest_id_of(self, image_id: str) -> str | None:
+        """The id of the manifest the image's bytes are stored under (None: no data)."""
+        ...
 
-    @property
-    def catalog(self) -> TorrentRecords: ...
+    def load_manifest(self, manifest_id: str) -> ImageManifest: ...
 
-    def store_torrent(self, image_id: str, info_hash: str, piece_size: int,
+    def chunk_reader(self, manifest: ImageManifest, image_id: str = "") -> ImageReader:
+        """Reads the chunks `manifest` lists (in its order), each verified."""
+        ...
+
+    def torrent_of(self, image_id: str) -> tuple[str, int, bytes] | None:
+        """(info hash, piece size, bencoded torrent) of the image, or None."""
+        ...
+
+    def save_torrent(self, image_id: str, info_hash: str, piece_size: int,
                       data: bytes) -> None: ...
-
 
 
 class NodeDirectory(Protocol):

@@ -24,12 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from rain.distribute.methods.bittorrent.config import BitTorrentConfig
 from rain.store.manifest import ZERO_DIGEST, ImageManifest
-from rain.store.stream import ImageReader
 
 if TYPE_CHECKING:
     from rain.distribute.methods.base import ImageRepository
     from rain.model import Image
-    from rain.store import ChunkStore
+    from rain.store.stream import ImageReader
 
 log = logging.getLogger("rain.distribute.bittorrent")
 MiB = 1 << 20
@@ -130,14 +129,13 @@ def zero_pieces(manifest: ImageManifest, piece_size: int) -> list[bool]:
     return out
 
 
-def piece_hashes(store: ChunkStore, manifest: ImageManifest, piece_size: int,
-                 image_id: str = "") -> bytes:
-    """The concatenated SHA-1 of every piece, from verified chunks of the store."""
+def piece_hashes(reader: ImageReader, piece_size: int) -> bytes:
+    """The concatenated SHA-1 of every piece, from the verified chunks `reader` reads."""
+    manifest = reader.manifest
     size = manifest.size
     count = -(-size // piece_size)
     zero = zero_pieces(manifest, piece_size)
     zero_hash: dict[int, bytes] = {}
-    reader = ImageReader(manifest=manifest, store=store, image=image_id)
     out = bytearray()
 
     def length(p: int) -> int:
@@ -179,13 +177,14 @@ def _hash_run(blocks: Iterator[bytes], lengths: list[int]) -> Iterator[bytes]:
         raise ValueError("the image ended before its last piece")
 
 
-def make_torrent(store: ChunkStore, manifest: ImageManifest, name: str,
-                 piece_size: int = MIN_PIECE, *, manifest_id: str = "") -> tuple[bytes, str]:
-    """(bencoded torrent, hex v1 info hash) of the image: single file `name`, private."""
+def make_torrent(reader: ImageReader, name: str, piece_size: int = MIN_PIECE, *,
+                 manifest_id: str = "") -> tuple[bytes, str]:
+    """(bencoded torrent, hex v1 info hash) of the image `reader` reads: single file
+    `name`, private."""
     if piece_size < MIN_PIECE or piece_size & (piece_size - 1):
         raise ValueError(f"piece size {piece_size} must be a power of two ≥ 4 MiB")
-    info = {"length": manifest.size, "name": name, "piece length": piece_size,
-            "pieces": piece_hashes(store, manifest, piece_size, name), "private": 1}
+    info = {"length": reader.manifest.size, "name": name, "piece length": piece_size,
+            "pieces": piece_hashes(reader, piece_size), "private": 1}
     meta: dict[str, Any] = {"info": info, "created by": "rain"}
     if manifest_id:
         meta["rain-manifest"] = manifest_id
@@ -209,23 +208,24 @@ _locks_guard = threading.Lock()
 def ensure_torrent(repo: ImageRepository, image: Image, config: BitTorrentConfig | None = None,
                    *, replace: bool = False) -> tuple[str, int, bytes]:
     """(info hash, piece size, torrent) of the image's current content, made and stored if
-    the catalog has none for it (or, with `replace`, none made from its current manifest)."""
-    manifest_id = repo.catalog.manifest_id(image.id)
+    the repository has none for it (or, with `replace`, none made from its current
+    manifest)."""
+    manifest_id = repo.manifest_id_of(image.id)
     if not manifest_id:
         raise ValueError(f"image {image.id} has no stored content")
     with _locks_guard:
         lock = _locks.setdefault(image.id, threading.Lock())
     with lock:  # the activation hook and a deployment make it once
-        found = repo.catalog.get_torrent(image.id)
+        found = repo.torrent_of(image.id)
         if found is not None and torrent_manifest(found[2]) == manifest_id:
             return found
         if found is not None and not replace:
             return found
-        manifest = repo.store.get_manifest(manifest_id)
+        manifest = repo.load_manifest(manifest_id)
         piece = piece_size_for(manifest.size, config)
-        data, info_hash = make_torrent(repo.store, manifest, image.id, piece,
+        data, info_hash = make_torrent(repo.chunk_reader(manifest, image.id), image.id, piece,
                                        manifest_id=manifest_id)
-        repo.store_torrent(image.id, info_hash, piece, data)
+        repo.save_torrent(image.id, info_hash, piece, data)
         log.info("torrent of image %s: %s, %d pieces of %d MiB", image.id, info_hash,
                  -(-manifest.size // piece), piece // MiB)
         return info_hash, piece, data

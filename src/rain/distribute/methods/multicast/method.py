@@ -49,7 +49,6 @@ from rain.distribute.methods.multicast import udpcast
 from rain.distribute.partial import BadChunk, TransferAborted
 from rain.model.errors import InvalidImage, InvalidRequest, RainError
 from rain.store.manifest import ZERO_DIGEST, ImageManifest
-from rain.store.stream import ImageReader
 
 STREAM = "distinct-chunks-v1"  # what the stream holds: see stream_order
 _FEED_BLOCK = 4 * 1024 * 1024
@@ -256,10 +255,10 @@ class MulticastCoordinator:
             raise InvalidRequest(f"multicast source {cfg.source!r}: use 'store' or 'file'")
         # The stream as an image of its own: the reader fetches ahead and verifies each chunk.
         streamed = ImageManifest(m.chunk_size, stream_bytes(m, order), "", [d for d, _ in order])
-        store = job.server.repo.store
+        repo = job.server.repo
 
         def feed_store(out: IO[bytes]) -> None:
-            reader = ImageReader(store, streamed, image=job.image.id)
+            reader = repo.chunk_reader(streamed, job.image.id)
             for block in reader.iter_range():
                 out.write(block)
         return feed_store
