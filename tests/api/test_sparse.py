@@ -26,6 +26,7 @@ from rain.model import Conflict, InvalidImage
 from rain.model.sparse import DIGESTS, MEDIA_TYPE, SparseHeader, bitmap
 from tests.conftest import Server
 from tests.support.images import sha256
+from tests.support.servers import serve_http
 
 pytestmark = pytest.mark.integration
 MiB = 1024 * 1024
@@ -181,14 +182,7 @@ class _LyingServer(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def lying_server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _LyingServer)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    yield from serve_http(ThreadingHTTPServer(("127.0.0.1", 0), _LyingServer))
 
 
 def test_client_refuses_a_segment_that_does_not_match_its_digest(lying_server: str,

@@ -4,7 +4,6 @@ back as the same rain.model.errors class, message and details (rain.model.wire).
 from __future__ import annotations
 
 import inspect
-import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -20,6 +19,7 @@ from rain.distribute.agentclient import AgentClient
 from rain.model import errors
 from rain.model.errors import ERRORS_BY_CODE, ImageRebuilding, RainError, TooManyRequests
 from rain.model.wire import error_body, error_from, raise_for_error
+from tests.support.servers import serve_http
 
 KEY = "agent-key-for-the-wire-test"
 CODES = sorted(ERRORS_BY_CODE)
@@ -57,16 +57,6 @@ class RaisingRepository:
         raise sample(ERRORS_BY_CODE[str(token)])
 
 
-def serve(server: ThreadingHTTPServer) -> Iterator[str]:
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.fixture(scope="module")
 def repository_url() -> Iterator[str]:
     app = FastAPI()
@@ -76,7 +66,7 @@ def repository_url() -> Iterator[str]:
     def _raise(code: str) -> None:
         raise sample(ERRORS_BY_CODE[code])
 
-    yield from serve(RainHTTPServer(("127.0.0.1", 0), RaisingRepository(),  # type: ignore[arg-type]
+    yield from serve_http(RainHTTPServer(("127.0.0.1", 0), RaisingRepository(),  # type: ignore[arg-type]
                                     app))
 
 
@@ -109,7 +99,7 @@ class RaisingAgent:
 
 @pytest.fixture(scope="module")
 def agent_url() -> Iterator[str]:
-    yield from serve(AgentHTTPServer(("127.0.0.1", 0), RaisingAgent()))  # type: ignore[arg-type]
+    yield from serve_http(AgentHTTPServer(("127.0.0.1", 0), RaisingAgent()))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("code", CODES)
@@ -150,7 +140,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def proxy_url() -> Iterator[str]:
-    yield from serve(ThreadingHTTPServer(("127.0.0.1", 0), ProxyHandler))
+    yield from serve_http(ThreadingHTTPServer(("127.0.0.1", 0), ProxyHandler))
 
 
 def test_a_proxy_page_is_one_line_for_the_client(proxy_url: str) -> None:

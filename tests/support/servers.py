@@ -11,12 +11,24 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import HTTPServer
 from pathlib import Path
 
 from rain.api.app import create_app
 from rain.api.native import RainHTTPServer
 from rain.config import load_config
 from rain.repo import Repository
+
+
+def serve_http(server: HTTPServer) -> Iterator[str]:
+    """Serve any stdlib-style HTTP server from a thread; yields its URL, shuts it on exit."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @dataclass
