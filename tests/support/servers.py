@@ -56,7 +56,8 @@ def serve_in_thread(data_dir: Path) -> Iterator[ThreadServer]:
     repo = open_repository(data_dir)
     token = repo.bootstrap_admin()
     assert token is not None, f"{data_dir} already has users"
-    app = create_app(repo, catalog=repo.catalog)  # no build queue (builds answer 501), a loopback coordinator
+    # No build queue (builds answer 501), a loopback coordinator.
+    app = create_app(repo, catalog=repo.catalog)
     httpd = RainHTTPServer(("127.0.0.1", 0), repo, app, app.state.coordinator)
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
                               name="rain-test-server", daemon=True)

@@ -6,11 +6,13 @@ only assembles them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from rain.distribute.methods.bittorrent.config import BitTorrentConfig
 from rain.distribute.methods.multicast.method import MulticastConfig
-from rain.model.deploy import DEFAULT_STALL_SECONDS
+from rain.model.deploy import DEFAULT_STALL_SECONDS, MAX_SECONDS
+from rain.model.errors import InvalidRequest
 
 GiB = 1 << 30
 
@@ -47,3 +49,20 @@ class PrefetchConfig:
     max_per_node: int = 1
     budget_bytes: int = 64 * GiB
     max_rate: float = 0.0  # bytes/s per node; 0: no cap
+
+
+def check_distribute(config: DistributeConfig) -> None:
+    """At start-up, not in each deployment: a bad setting would fail every one of them."""
+    stall = config.stall_seconds
+    if isinstance(stall, bool) or not isinstance(stall, int | float) \
+            or not math.isfinite(stall) or not 0 < stall <= MAX_SECONDS:
+        raise InvalidRequest(f"[distribute] stall_seconds must be above 0 and at most "
+                             f"{MAX_SECONDS:g}, not {stall!r}")
+
+
+def check_prefetch(config: PrefetchConfig) -> None:
+    rate = config.max_rate
+    if isinstance(rate, bool) or not isinstance(rate, int | float) \
+            or not math.isfinite(rate) or rate < 0:
+        raise InvalidRequest(f"[prefetch] max_rate must be 0 (no cap) or a positive "
+                             f"number of bytes/s, not {rate!r}")

@@ -36,6 +36,7 @@ from typing import Any
 
 from rain.catalog import Catalog
 from rain.deploy.auto import choose_method
+from rain.deploy.config import check_distribute
 from rain.deploy.nodes import NodeRegistry
 from rain.deploy.records import DeploymentRecords
 from rain.deploy.seeds import SeedFiles
@@ -100,6 +101,7 @@ class Coordinator:
     """Runs deployments for one repository server."""
 
     def __init__(self, repo: Repository, side: RepoSide, catalog: Catalog) -> None:
+        check_distribute(side.config)
         self.repo = repo  # side.repo, with what the coordinator records beyond the methods
         # Nodes and deployments live in the repository's database (`catalog`, handed over
         # by the server that opened it), but are this side's.

@@ -18,7 +18,7 @@ import logging
 import threading
 from datetime import timedelta
 
-from rain.deploy.config import PrefetchConfig
+from rain.deploy.config import PrefetchConfig, check_prefetch
 from rain.deploy.coordinator import Coordinator
 from rain.model import Deployment, ImageStatus
 from rain.model.clock import utcnow
@@ -31,6 +31,7 @@ log = logging.getLogger("rain.prefetch")
 
 class Prefetcher:
     def __init__(self, repo: Repository, coordinator: Coordinator, config: PrefetchConfig) -> None:
+        check_prefetch(config)
         self.repo = repo
         self.coordinator = coordinator
         self.config = config
